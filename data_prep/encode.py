@@ -1,0 +1,210 @@
+"""Stage 3+4, encode, pack and shard: every language through the shared vocabulary.
+
+A language's cleaned file is cut into chunks of about pack.chunk_mb at document boundaries
+(the clean stage's index), and chunks are encoded in parallel processes. Each chunk streams
+its documents through SentencePiece in batches, splits them into train and held-out
+validation documents, packs each split (`packing.py`) and writes its own shards
+(`shards.py`): shards/LANG/{train,valid}-CHUNK-PART.tar. A chunk's marker, written after its
+shards, makes it complete; a rerun redoes only chunks without one.
+
+Validation documents are drawn per language: k = clamp(round(split.valid_fraction * docs),
+split.valid_min_docs, split.valid_max_docs) documents (at most docs - 1), uniformly, with a
+generator seeded by (seed, language).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import zlib
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+from . import parallel
+from .config import PrepConfig
+from .dictionary import EOS, UNK, Dictionary
+from .errors import PrepError
+from .packing import SequencePacker
+from .shards import ShardWriter
+from .state import Layout, fingerprint, load_marker, require_allowed
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "valid")
+BATCH_BYTES = 1 << 20  # text per SentencePiece call: large enough to amortize the call
+
+
+@dataclass(frozen=True)
+class EncodeJob:
+    lang: str
+    chunk: int
+    start: int  # byte range [start, end) of clean/LANG.txt, on document boundaries
+    end: int
+    first_doc: int
+    valid_docs: Tuple[int, ...]  # document numbers (language-wide) held out for validation
+    clean_path: Path
+    out_dir: Path
+    spm_path: Path
+    seq_len: int
+    shard_bytes: int
+
+
+def choose_valid_docs(lang: str, n_docs: int, cfg: PrepConfig) -> np.ndarray:
+    s = cfg.split
+    k = min(max(int(round(s.valid_fraction * n_docs)), s.valid_min_docs), s.valid_max_docs, max(n_docs - 1, 0))
+    rng = np.random.default_rng([cfg.seed, zlib.crc32(lang.encode())])
+    return np.sort(rng.choice(n_docs, size=k, replace=False))
+
+
+def plan_chunks(index: List[List[int]], total_bytes: int, chunk_bytes: int) -> List[Tuple[int, int, int]]:
+    """Group the clean index's document-boundary points into (start, end, first_doc) chunks."""
+    chunks = []
+    for offset, doc in index:
+        if not chunks or offset - chunks[-1][0] >= chunk_bytes:
+            chunks.append([offset, None, doc])
+    for i, c in enumerate(chunks):
+        c[1] = chunks[i + 1][0] if i + 1 < len(chunks) else total_bytes
+    return [tuple(c) for c in chunks]
+
+
+def stream_tokens(dictionary: Dictionary, lines: List[str]) -> Tuple[np.ndarray, np.ndarray]:
+    """Encode lines ("" marks a document end) into one stream with `</s>` after every line.
+
+    Returns the stream and each line's length in it (its tokens + 1)."""
+    pieces = dictionary.sp.encode(lines)
+    lens = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces)) + 1
+    stream = np.empty(int(lens.sum()), dtype=np.int64)
+    ends = np.cumsum(lens) - 1
+    is_token = np.ones(len(stream), dtype=bool)
+    is_token[ends] = False
+    flat = np.fromiter(chain.from_iterable(pieces), dtype=np.int64, count=len(stream) - len(lines))
+    stream[is_token] = dictionary.to_dict_ids(flat)
+    stream[ends] = EOS
+    return stream, lens
+
+
+def read_chunk(job: EncodeJob) -> List[str]:
+    """The chunk's lines; blank lines ("") end documents. Chunks start and end on document
+    boundaries, so the text ends with a newline."""
+    with open(job.clean_path, "rb") as f:
+        f.seek(job.start)
+        return f.read(job.end - job.start).decode("utf-8").split("\n")[:-1]
+
+
+@functools.lru_cache(maxsize=1)
+def load_dictionary(spm_path: Path) -> Dictionary:
+    """One load per worker process, not per chunk (a 250k-piece model takes a second to load)."""
+    return Dictionary(spm_path)
+
+
+def encode_chunk(job: EncodeJob) -> Dict:
+    dictionary = load_dictionary(job.spm_path)
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    lines = read_chunk(job)
+    # Per line, vectorized: its length, whether it ends a document, whether its document is held out.
+    chars = np.fromiter(map(len, lines), dtype=np.int64, count=len(lines))
+    doc_end = chars == 0
+    doc = job.first_doc + np.cumsum(doc_end) - doc_end
+    held_out = np.isin(doc, np.asarray(job.valid_docs, dtype=np.int64))
+
+    stats = {}
+    for split, mask in (("train", ~held_out), ("valid", held_out)):
+        stats[split] = {"docs": int(np.count_nonzero(doc_end & mask)), "lines": int(np.count_nonzero(~doc_end & mask)),
+                        "chars": int(chars[mask].sum()), "tokens": 0, "unk": 0, "sequences": 0, "stream_tokens": 0}
+    packers = {s: SequencePacker(job.seq_len, dictionary.dtype) for s in SPLITS}
+    writers = {s: ShardWriter(job.out_dir, job.lang, s, job.chunk, job.shard_bytes, dictionary.dtype) for s in SPLITS}
+    # Batches of about BATCH_BYTES of text; they need not align with documents (the stream is contiguous).
+    cuts = np.searchsorted(np.cumsum(chars + 1), np.arange(BATCH_BYTES, chars.sum() + len(chars), BATCH_BYTES))
+    bytes_per_char = (job.end - job.start) / max(1, chars.sum() + len(chars))
+    try:
+        for lo, hi in zip([0, *cuts], [*cuts, len(lines)]):
+            if lo >= hi:
+                continue
+            stream, lens = stream_tokens(dictionary, lines[lo:hi])
+            token_held_out = np.repeat(held_out[lo:hi], lens)
+            for split, select in (("train", ~token_held_out), ("valid", token_held_out)):
+                part = stream if select.all() else stream[select]
+                if not len(part):
+                    continue
+                st = stats[split]
+                st["stream_tokens"] += len(part)
+                st["unk"] += int(np.count_nonzero(part == UNK))
+                packed = packers[split].add(part)
+                if packed is not None:
+                    writers[split].write_block(packed)
+                    st["sequences"] += len(packed)
+            parallel.advance(int((chars[lo:hi].sum() + hi - lo) * bytes_per_char))
+        for split in SPLITS:
+            last = packers[split].finish()
+            if last is not None:
+                writers[split].write_block(last[None, :])
+                stats[split]["sequences"] += 1
+            stats[split]["tokens"] = stats[split]["stream_tokens"] + stats[split]["sequences"]  # + <s> each
+        shards = [rec for s in SPLITS for rec in writers[s].close()]
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    return {"lang": job.lang, "chunk": job.chunk, "stats": stats, "shards": shards}
+
+
+def check_vocabulary_matches(layout: Layout, vocab_sha: str) -> None:
+    """Refuse to mix shards of two vocabularies in one output_dir."""
+    found = set()
+    if layout.manifest.exists():
+        found.add(load_marker(layout.manifest).get("vocab", {}).get("sha256"))
+    for marker in (layout.state / "encode").glob("*/*.json"):
+        found.add((load_marker(marker) or {}).get("vocab_sha256"))
+    other = {sha for sha in found if sha and sha != vocab_sha}
+    if other:
+        raise PrepError(
+            f"{layout.root} holds shards encoded with another vocabulary (sha256 {sorted(other)[0][:12]}…, "
+            f"the current one is {vocab_sha[:12]}…). Use a new output_dir, or pass force=encode to "
+            "re-encode everything with the current vocabulary."
+        )
+
+
+def run_encode(layout: Layout, clean_stats: Dict[str, Dict], vocab: Dict, cfg: PrepConfig,
+               workers: int, progress: bool, allowed: bool = True) -> Dict[str, List[Dict]] | None:
+    """Encode every language (or this array task's share of the chunks: cfg.task); returns
+    the chunk records per language, or None while other tasks' chunks are still missing."""
+    check_vocabulary_matches(layout, vocab["sha256"])
+    spm_path = layout.root / vocab["spm_model"]
+    planned, pending, fps, done = [], [], {}, {}
+    for lang, st in clean_stats.items():
+        done[lang] = []
+        valid = tuple(int(d) for d in choose_valid_docs(lang, st["docs"], cfg))
+        clean_fp = load_marker(layout.marker("clean", lang))["fingerprint"]
+        for chunk, (start, end, first_doc) in enumerate(plan_chunks(st["index"], st["bytes"], int(cfg.pack.chunk_mb * 1e6))):
+            job = EncodeJob(
+                lang, chunk, start, end, first_doc, valid,
+                layout.clean / f"{lang}.txt", layout.shards / lang, spm_path,
+                cfg.pack.seq_len, int(cfg.shard.target_mb * 1e6),
+            )
+            name = f"{lang}/{chunk:05d}"
+            fp = fingerprint({"clean": clean_fp, "vocab": vocab["sha256"], "chunk": [start, end, first_doc],
+                              "valid": valid, "seq_len": cfg.pack.seq_len, "shard": cfg.shard.target_mb})
+            if layout.is_done("encode", name, fp):
+                done[lang].append(load_marker(layout.marker("encode", name))["result"])
+            else:
+                pending.append(job)
+                fps[name] = fp
+            planned.append(job)
+    require_allowed("encode", len(pending), allowed)
+    # Array tasks deal out all chunks, done or not, so every task computes the same deal.
+    planned.sort(key=lambda j: (-(j.end - j.start), j.lang, j.chunk))  # biggest first
+    mine, todo = set(planned[cfg.task.index::cfg.task.count]), set(pending)
+    jobs = [job for job in planned if job in mine and job in todo]
+    total = sum(j.end - j.start for j in jobs)
+    for result in parallel.run_jobs(encode_chunk, jobs, workers=workers, desc="encode+pack+shard", total=total, progress=progress):
+        name = f"{result['lang']}/{result['chunk']:05d}"
+        for rec in result["shards"]:
+            rec["path"] = str(Path(rec["path"]).relative_to(layout.root))
+        layout.write_marker("encode", name, fps[name], [layout.root / r["path"] for r in result["shards"]],
+                            vocab_sha256=vocab["sha256"], result=result)
+        done[result["lang"]].append(result)
+    if len(jobs) < len(pending):
+        return None  # the other array tasks' chunks: the merge job (stages=[manifest,report]) waits for them
+    return {lang: sorted(chunks, key=lambda r: r["chunk"]) for lang, chunks in done.items()}

@@ -1,0 +1,64 @@
+"""Stage 4b, manifest: the one file that says the data is complete and what it is.
+
+Written last, atomically, after checking that every shard the encode stage recorded is on
+disk with its recorded size. Its format is documented in the README ("On-disk formats").
+"""
+from __future__ import annotations
+
+import datetime
+from dataclasses import asdict
+from typing import Dict, List
+
+from .atomic import write_json
+from .config import PrepConfig
+from .encode import SPLITS
+from .errors import PrepError
+from .sampling import temperature_probs
+from .state import Layout
+
+FORMAT = "xlmr-shards"
+FORMAT_VERSION = 1
+
+
+def language_record(clean: Dict, chunks: List[Dict]) -> Dict:
+    rec = {
+        "input": {k: clean[k] for k in ("input_docs", "input_lines", "input_bytes")},
+        "removed": clean["removed"],
+        "docs": clean["docs"], "lines": clean["lines"], "chars": clean["chars"], "bytes": clean["bytes"],
+    }
+    for split in SPLITS:
+        totals = {k: sum(c["stats"][split][k] for c in chunks) for k in ("docs", "lines", "chars", "tokens", "unk", "sequences")}
+        totals["shards"] = sum(1 for c in chunks for s in c["shards"] if s["split"] == split)
+        rec[split] = totals
+    stream = sum(c["stats"][s]["stream_tokens"] for c in chunks for s in SPLITS)
+    rec["unk_rate"] = sum(rec[s]["unk"] for s in SPLITS) / stream if stream else 0.0
+    return rec
+
+
+def build_manifest(layout: Layout, cfg: PrepConfig, clean_stats: Dict[str, Dict], vocab: Dict,
+                   chunks: Dict[str, List[Dict]], excluded: Dict[str, Dict], skipped_files: List[str]) -> Dict:
+    shards = [s for lang in sorted(chunks) for c in chunks[lang] for s in c["shards"]]
+    for s in shards:
+        path = layout.root / s["path"]
+        if not path.exists() or path.stat().st_size != s["bytes"]:
+            raise PrepError(f"shard {path} is missing or has changed since it was written; pass force=encode to rebuild")
+    lines = {lang: st["lines"] for lang, st in clean_stats.items()}
+    q = temperature_probs(lines, cfg.sampling.alpha)
+    total = sum(lines.values())
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seq_len": cfg.pack.seq_len,
+        "dtype": vocab["dtype"],
+        "vocab": {k: vocab[k] for k in ("sha256", "spm_model", "size", "spm_size", "special_ids")},
+        "sampling": {"alpha": cfg.sampling.alpha, "count": "lines",
+                     "languages": {lang: {"p": lines[lang] / total, "q": q[lang]} for lang in sorted(lines)}},
+        "languages": {lang: language_record(clean_stats[lang], chunks[lang]) for lang in sorted(chunks)},
+        "excluded_languages": excluded,
+        "skipped_files": skipped_files,
+        "shards": shards,
+        "config": asdict(cfg),
+    }
+    write_json(layout.manifest, manifest)
+    return manifest

@@ -1,0 +1,102 @@
+"""`xlmr-prep` top to bottom: clean -> vocab -> encode+pack+shard -> manifest -> report.
+
+Every stage skips work whose completion marker matches its inputs (see state.py), so a rerun
+after a crash, kill -9 or full disk continues where the last one stopped; `force=STAGE`
+deletes that stage's outputs and everything after it and rebuilds them.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict
+
+from . import parallel
+from .atomic import remove_stale_tmp_files
+from .clean import run_clean
+from .config import STAGES, PrepConfig
+from .encode import run_encode
+from .errors import PrepError
+from .inputs import discover
+from .manifest import build_manifest
+from .report import write_report
+from .state import Layout, apply_force
+from .vocab import run_vocab
+
+log = logging.getLogger("xlmr-prep")
+
+
+def check_config(cfg: PrepConfig) -> None:
+    if not 0 <= cfg.sampling.alpha <= 1:
+        raise PrepError(f"sampling.alpha must be in [0, 1], got {cfg.sampling.alpha}")
+    if cfg.pack.seq_len < 2:
+        raise PrepError(f"pack.seq_len must be >= 2, got {cfg.pack.seq_len}")
+    if cfg.vocab.size < 8:
+        raise PrepError(f"vocab.size must be >= 8, got {cfg.vocab.size}")
+    if not 0 <= cfg.split.valid_fraction < 1:
+        raise PrepError(f"split.valid_fraction must be in [0, 1), got {cfg.split.valid_fraction}")
+    if cfg.shard.target_mb <= 0 or cfg.pack.chunk_mb <= 0:
+        raise PrepError("shard.target_mb and pack.chunk_mb must be > 0")
+    if unknown := set(cfg.stages) - set(STAGES):
+        raise PrepError(f"unknown stage(s) {sorted(unknown)} in stages=; stages are {', '.join(STAGES)}")
+    if not 0 <= cfg.task.index < cfg.task.count:
+        raise PrepError(f"task.index must be in [0, task.count), got {cfg.task.index} of {cfg.task.count}")
+
+
+def split_excluded(clean_stats: Dict[str, Dict]):
+    """Languages with nothing left after cleaning are excluded, with the reason recorded."""
+    kept, excluded = {}, {}
+    for lang, st in clean_stats.items():
+        if st["lines"] > 0:
+            kept[lang] = st
+            continue
+        reason = "empty input" if st["input_lines"] == 0 else "nothing left after filtering"
+        excluded[lang] = {"reason": reason, "input_lines": st["input_lines"], "removed": st["removed"]}
+        log.warning("language %s excluded: %s (input lines %d, removed %s)", lang, reason, st["input_lines"],
+                    {k: v for k, v in st["removed"].items() if v})
+    if not kept:
+        raise PrepError("no language has any text left after cleaning; see the counts above")
+    return kept, excluded
+
+
+def run_prep(cfg: PrepConfig) -> Dict:
+    check_config(cfg)
+    layout = Layout(Path(cfg.output_dir).resolve())
+    # Leftovers of killed runs. Array tasks share the output_dir, so each of them only clears
+    # its own chunks' leftovers (shards.py) and leaves the others' files in flight alone.
+    if cfg.task.count == 1 and (removed := remove_stale_tmp_files(layout.root)):
+        log.info("removed %d partial files left by an interrupted run", removed)
+    apply_force(layout, cfg.force)
+    workers = parallel.resolve_workers(cfg.workers)
+
+    inventory = discover(Path(cfg.input_dir).resolve())
+    for skipped in inventory.skipped:
+        log.warning("skipped %s", skipped)
+    log.info("input: %d language files, %d record files; output: %s; %d workers",
+             sum(map(len, inventory.text_sources.values())), len(inventory.record_sources), layout.root, workers)
+
+    wanted = set(cfg.stages)
+    last = max(STAGES.index(s) for s in wanted)
+    clean_stats, excluded = split_excluded(run_clean(inventory, cfg.clean, layout, workers, cfg.progress, "clean" in wanted))
+    if last < STAGES.index("vocab"):
+        return {}
+    vocab = run_vocab(layout, clean_stats, cfg, cfg.progress, "vocab" in wanted)
+    if last < STAGES.index("encode"):
+        return {}
+    chunks = run_encode(layout, clean_stats, vocab, cfg, workers, cfg.progress, "encode" in wanted)
+    if chunks is None:
+        log.info("encode task %d of %d complete; stages=[manifest,report] merges when all are", cfg.task.index, cfg.task.count)
+        return {}
+    if last < STAGES.index("manifest"):
+        return {}
+    manifest = build_manifest(layout, cfg, clean_stats, vocab, chunks, excluded, inventory.skipped)
+    if "report" not in wanted:
+        return manifest
+    table = write_report(manifest, layout.report)
+
+    print(table)
+    train = sum(lang["train"]["tokens"] for lang in manifest["languages"].values())
+    valid = sum(lang["valid"]["tokens"] for lang in manifest["languages"].values())
+    print(f"\n{len(manifest['languages'])} languages, {len(manifest['shards'])} shards, {train:,} train and "
+          f"{valid:,} validation tokens, vocabulary {vocab['size']:,} (sha256 {vocab['sha256'][:12]})")
+    print(f"manifest: {layout.manifest}\nreport:   {layout.report}/report.md, {layout.report}/languages.png")
+    return manifest

@@ -1,0 +1,200 @@
+"""Checkpoints: DeepSpeed's sharded save plus our client state, made atomic and resumable.
+
+Layout under RUN_DIR/checkpoints/ (documented in the README):
+
+    step_00000100/            a DeepSpeed tag: mp_rank_00_model_states.pt (weights + client
+                              state), *_optim_states.pt (one per rank under ZeRO), ...
+    step_00000100/checkpoint.json
+                              written by rank 0 after every rank finished saving: the tag is
+                              complete. Also readable without torch: step, vocabulary and
+                              manifest hashes, model config, the resolved run config.
+    latest                    the newest complete tag's name, replaced atomically after
+                              checkpoint.json (DeepSpeed's own tools read this file)
+
+Every rank saves into `step_00000100.partial/`; rank 0 renames it to the tag once all are done,
+then writes checkpoint.json. A run killed mid-save (SIGKILL after SLURM's KillWait) leaves a
+`.partial` dir, or in the instant between rename and marker a tag without checkpoint.json:
+neither is ever resumed from, and the next run removes them before it starts.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from pretrain.config import PretrainError
+from pretrain.distributed import all_gather_object, barrier
+
+CHECKPOINTS = "checkpoints"
+MARKER = "checkpoint.json"
+LATEST = "latest"
+PARTIAL = ".partial"
+FORMAT = "xlmr-pretrain-checkpoint"
+FORMAT_VERSION = 1
+# The training state saved with every checkpoint (besides DeepSpeed's weights, optimizer and
+# scheduler): steps, tokens seen, the data loader's position (micro-batches this rank consumed;
+# the same on every rank), NaN-skipped steps, the W&B run id, the data fingerprint; plus "rng",
+# every rank's RNG states.
+CLIENT_KEYS = ("step", "tokens_seen", "consumed_micro_batches", "skipped_steps", "wandb_run_id",
+               "vocab_sha256", "manifest_sha256")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def data_fingerprint(manifest: dict) -> dict[str, str]:
+    """What a checkpoint must match to resume: the vocabulary, and the manifest as a whole
+    apart from its creation time (re-running the prep on the same input gives the same hash)."""
+    stable = {k: v for k, v in manifest.items() if k != "created"}
+    canonical = json.dumps(stable, sort_keys=True, ensure_ascii=False).encode()
+    return {
+        "vocab_sha256": manifest["vocab"]["sha256"],
+        "manifest_sha256": hashlib.sha256(canonical).hexdigest(),
+    }
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Tags with a completion marker, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and (p / MARKER).is_file())
+
+
+def remove_incomplete(ckpt_dir: Path) -> list[str]:
+    """Delete what interrupted saves left (rank 0, before anything else is saved); return their names."""
+    if not ckpt_dir.is_dir():
+        return []
+    incomplete = [p for p in ckpt_dir.iterdir()
+                  if p.is_dir() and (p.name.endswith(PARTIAL) or not (p / MARKER).is_file())]
+    for path in incomplete:
+        shutil.rmtree(path)
+    return sorted(p.name for p in incomplete)
+
+
+def find_resume_checkpoint(run_dir: Path, resume: str) -> Optional[Path]:
+    """The tag to resume from: resume=auto -> the newest complete one in run_dir (or None),
+    never -> None (refusing a run_dir that already has checkpoints), else a path to a tag,
+    a checkpoints dir or a run dir."""
+    own = complete_checkpoints(run_dir / CHECKPOINTS)
+    if resume == "auto":
+        return own[-1] if own else None
+    if resume == "never":
+        if own:
+            raise PretrainError(
+                f"resume=never but {run_dir} already holds checkpoints ({own[-1].name}): "
+                "use another run_dir, or resume=auto to continue"
+            )
+        return None
+    path = Path(resume)
+    if (path / MARKER).is_file():
+        return path
+    found = complete_checkpoints(path) or complete_checkpoints(path / CHECKPOINTS)
+    if not found:
+        raise PretrainError(f"resume={resume}: no complete checkpoint there (a tag dir holds {MARKER})")
+    return found[-1]
+
+
+def read_meta(tag_dir: Path) -> dict:
+    with open(tag_dir / MARKER, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def check_compatible(tag_dir: Path, fingerprint: dict, model: dict) -> dict:
+    """Refuse to resume against other data or another architecture, before loading anything."""
+    meta = read_meta(tag_dir)
+    if meta.get("vocab_sha256") != fingerprint["vocab_sha256"]:
+        raise PretrainError(
+            f"cannot resume from {tag_dir}: it was trained with vocabulary sha256 "
+            f"{str(meta.get('vocab_sha256'))[:12]}…, but data_dir's vocabulary is "
+            f"{fingerprint['vocab_sha256'][:12]}…; use the data it was trained on, or a new run_dir"
+        )
+    if meta.get("manifest_sha256") != fingerprint["manifest_sha256"]:
+        raise PretrainError(
+            f"cannot resume from {tag_dir}: data_dir's manifest.json differs from the one it was trained on "
+            f"(sha256 {fingerprint['manifest_sha256'][:12]}… vs {str(meta.get('manifest_sha256'))[:12]}…): "
+            "the data order would not continue; use the same data_dir, or a new run_dir"
+        )
+    changed = {k: (meta["model"].get(k), v) for k, v in model.items()
+               if k not in ("dropout", "attention_dropout", "activation_checkpointing") and meta["model"].get(k) != v}
+    if changed:
+        diff = ", ".join(f"model.{k}={new} (checkpoint: {old})" for k, (old, new) in changed.items())
+        raise PretrainError(f"cannot resume from {tag_dir}: the model differs: {diff}")
+    return meta
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(engine, run_dir: Path, state: dict, meta: dict, keep_last: int, rank: int) -> Path:
+    """Save on all ranks, then (rank 0) mark the tag complete, point `latest` at it and drop
+    the oldest complete tags beyond keep_last. `state` is the client state (every rank passes
+    the same); each rank's RNG states are gathered into it."""
+    ckpt_dir = run_dir / CHECKPOINTS
+    tag = tag_for(state["step"])
+    if rank == 0:
+        for stale in (ckpt_dir / tag, ckpt_dir / (tag + PARTIAL)):  # an abandoned branch's save of this step
+            if stale.exists():
+                shutil.rmtree(stale)
+    barrier()
+    client_state = dict(state, rng=all_gather_object(_rng_state()))
+    engine.save_checkpoint(str(ckpt_dir), tag=tag + PARTIAL, client_state=client_state, save_latest=False)
+    barrier()  # every rank's shards are written
+    if rank == 0:
+        os.replace(ckpt_dir / (tag + PARTIAL), ckpt_dir / tag)
+        meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, step=state["step"],
+                    tokens_seen=state["tokens_seen"], saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        _write_atomic(ckpt_dir / tag / MARKER, json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+        _write_atomic(ckpt_dir / LATEST, tag)
+        for old in complete_checkpoints(ckpt_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return ckpt_dir / tag
+
+
+def load_checkpoint(engine, tag_dir: Path, rank: int, world_size: int) -> dict:
+    """Load weights, optimizer and scheduler into the engine; return the client state.
+    RNG states are restored when the world size is unchanged."""
+    try:
+        _, client_state = engine.load_checkpoint(
+            str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True,
+        )
+    except RuntimeError as exc:  # e.g. the model code changed its parameter names
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        raise PretrainError(f"cannot resume from {tag_dir}: its weights do not fit this model ({first})") from None
+    if client_state is None:
+        raise PretrainError(f"cannot resume from {tag_dir}: DeepSpeed found no checkpoint there")
+    rng = client_state.get("rng")
+    if rng is not None and len(rng) == world_size:
+        _set_rng_state(rng[rank])
+    # DeepSpeed hands back its own metadata too; keep the keys we saved.
+    return {k: client_state[k] for k in CLIENT_KEYS if k in client_state}

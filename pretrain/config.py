@@ -1,0 +1,115 @@
+"""Typed configuration of `xlmr-pretrain`, mirrored by conf/pretrain.yaml and its groups
+(conf/model/*.yaml, conf/deepspeed/*.yaml).
+
+`PretrainConfig` is registered in Hydra's ConfigStore as the schema of the YAML tree, so a
+misspelled key, on the command line or in a YAML file, fails at load time with Hydra's message
+("Key 'max_step' is not in struct") instead of deep inside the trainer. Model, masking and data
+settings are the dataclasses of the modules that own them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from pretrain.data import DataConfig
+from pretrain.masking import MaskingConfig
+from pretrain.model import ModelConfig
+
+
+class PretrainError(Exception):
+    """Bad input, config or state a user can fix; the CLI prints it as one line and exits 2."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    """What goes into the DeepSpeed JSON (distributed.deepspeed_config builds it)."""
+
+    zero_stage: int = 1  # 0: plain data parallel; 1: shard optimizer state; 2: + gradients; 3: + weights
+    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bf16 | fp32
+    micro_batch_size: int = 8  # sequences per rank per forward/backward
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    gradient_clipping: float = 1.0  # max global grad norm; 0 turns clipping off
+    # Merged last into the generated JSON, for DeepSpeed options without a key of their own,
+    # e.g. +deepspeed.extra.zero_optimization.overlap_comm=true
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with the RoBERTa/XLM-R defaults; linear warmup, then linear or polynomial decay."""
+
+    lr: float = 6e-4  # peak learning rate, reached at the end of warmup
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
+    warmup_steps: Optional[int] = None  # None: 6% of trainer.max_steps
+    schedule: str = "linear"  # linear | polynomial (fairseq's polynomial_decay with `power`)
+    power: float = 1.0  # exponent of the polynomial decay (1.0 is linear)
+    end_lr: float = 0.0  # learning rate reached at trainer.max_steps
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300  # optimizer steps; the learning-rate schedule ends here
+    stop_at_step: Optional[int] = None  # stop early (with a checkpoint), schedule unchanged: time-sliced jobs
+    seed: int = 0  # weight init, masking and dropout
+    log_every: int = 10  # steps per metrics record; keep save_every a multiple of it
+    save_every: int = 100  # steps between checkpoints (one is also written at the end)
+    keep_last: int = 2  # checkpoints kept on disk, the newest ones
+    eval_every: int = 0  # steps between per-language validation passes; 0: only at the end
+    eval_at_end: bool = True
+    max_nonfinite_steps: int = 5  # stop after this many NaN/inf losses in a row (each is skipped)
+    peak_flops: float = 989e12  # per device, for MFU (H100 SXM, dense bf16); ignored on CPU
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline (no network; `wandb sync RUN_DIR/wandb/offline-run-*`) | online | disabled
+    project: str = "xlmr-pretrain"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # default: the run dir's name
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PretrainConfig:
+    data_dir: str = "data/sample"  # what `xlmr-prep` wrote (its default output_dir)
+    run_dir: str = "runs/sample"  # checkpoints, metrics.jsonl, wandb/, hydra/; fixed, so a requeued job resumes
+    resume: str = "auto"  # auto: the newest complete checkpoint in run_dir, if any | never | PATH
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)
+
+
+def check_config(cfg: PretrainConfig) -> None:
+    """Value checks Hydra's types cannot express; raises PretrainError with the key's name."""
+    ds, opt, tr = cfg.deepspeed, cfg.optim, cfg.trainer
+    problems = []
+    if ds.zero_stage not in (0, 1, 2, 3):
+        problems.append(f"deepspeed.zero_stage={ds.zero_stage}: must be 0, 1, 2 or 3")
+    if ds.precision not in ("auto", "bf16", "fp32"):
+        problems.append(f"deepspeed.precision={ds.precision}: must be auto, bf16 or fp32")
+    if ds.micro_batch_size < 1 or ds.gradient_accumulation_steps < 1:
+        problems.append("deepspeed.micro_batch_size and deepspeed.gradient_accumulation_steps must be >= 1")
+    if opt.schedule not in ("linear", "polynomial"):
+        problems.append(f"optim.schedule={opt.schedule}: must be linear or polynomial")
+    if len(opt.betas) != 2:
+        problems.append(f"optim.betas={list(opt.betas)}: must be two numbers")
+    if tr.max_steps < 1 or tr.save_every < 1 or tr.log_every < 1 or tr.keep_last < 1:
+        problems.append("trainer.max_steps, save_every, log_every and keep_last must be >= 1")
+    if cfg.resume == "":
+        problems.append("resume is empty: use auto, never or a checkpoint path")
+    if cfg.wandb.mode not in ("offline", "online", "disabled"):
+        problems.append(f"wandb.mode={cfg.wandb.mode}: must be offline, online or disabled")
+    if problems:
+        raise PretrainError("; ".join(problems))

@@ -1,0 +1,101 @@
+"""The prepared data as the loaders see it: the manifest, the language list, the mixing
+probabilities, and which shard files are usable.
+
+The on-disk format (manifest.json, shard layout) is written by ``xlmr-prep`` and documented
+in the README; this module only reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from data_prep.sampling import temperature_probs
+
+FORMAT = "xlmr-shards"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard file as the manifest describes it (path made absolute)."""
+
+    path: Path
+    lang: str
+    split: str
+    samples: int
+    bytes: int
+
+
+def load_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """Read and check ``DATA_DIR/manifest.json``.
+
+    The prep writes the manifest last, so a data dir without one is unfinished: this fails
+    with a message that says to run ``xlmr-prep`` rather than a bare ``FileNotFoundError``.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data dir {data_dir} does not exist: run xlmr-prep first")
+    path = data_dir / "manifest.json"
+    if not path.is_file():
+        state = "is empty" if not any(data_dir.iterdir()) else "has no manifest.json (the prep writes it last, so it did not finish)"
+        raise FileNotFoundError(f"data dir {data_dir} {state}: run xlmr-prep first")
+    manifest = json.loads(path.read_text())
+    found = (manifest.get("format"), manifest.get("format_version"))
+    if found != (FORMAT, FORMAT_VERSION):
+        raise ValueError(
+            f"{path}: format {found[0]!r} version {found[1]!r}, but this loader reads "
+            f"{FORMAT!r} version {FORMAT_VERSION}: re-run xlmr-prep with this version of the code"
+        )
+    return manifest
+
+
+def languages(manifest: dict[str, Any]) -> list[str]:
+    """All languages of the data, sorted: batch["lang"] indexes this list."""
+    return sorted(manifest["languages"])
+
+
+def train_token_counts(manifest: dict[str, Any]) -> dict[str, int]:
+    """n_i of the mixing formula: each language's train token count (languages with none left out)."""
+    counts = {lang: stats.get("train", {}).get("tokens", 0) for lang, stats in manifest["languages"].items()}
+    return {lang: n for lang, n in sorted(counts.items()) if n > 0}
+
+
+def mixing_probs(manifest: dict[str, Any], alpha: float) -> dict[str, float]:
+    """q_i ∝ n_i^alpha over the languages with train data (XLM-R, Conneau et al. 2020, alpha=0.3).
+
+    Computed from the manifest's counts at load time, so changing alpha needs no re-sharding.
+    """
+    return temperature_probs(train_token_counts(manifest), alpha)
+
+
+def shards(data_dir: str | Path, manifest: dict[str, Any], lang: str, split: str) -> list[Shard]:
+    """The shards of one language and split, in manifest order."""
+    return [
+        Shard(Path(data_dir) / s["path"], s["lang"], s["split"], int(s["samples"]), int(s["bytes"]))
+        for s in manifest["shards"]
+        if s["lang"] == lang and s["split"] == split and s["samples"] > 0
+    ]
+
+
+def usable_shards(candidates: list[Shard]) -> tuple[list[Shard], list[Shard]]:
+    """Split shards into (usable, skipped): a shard is skipped, with a warning, when its file is
+    missing or its size differs from the manifest's (a truncated copy, a partial rsync).
+
+    Checking only the size costs one stat per shard and is decided before any sample is read,
+    so every process of every run skips the same shards and resume stays exact. Damage that
+    keeps the size (bit rot) is caught while reading and raises ShardError instead.
+    """
+    usable, skipped = [], []
+    for shard in candidates:
+        size = shard.path.stat().st_size if shard.path.is_file() else None
+        if size == shard.bytes:
+            usable.append(shard)
+        else:
+            skipped.append(shard)
+            found = "missing" if size is None else f"{size} bytes"
+            warnings.warn(f"skipping shard {shard.path}: {found}, manifest says {shard.bytes} bytes", stacklevel=2)
+    return usable, skipped

@@ -1,0 +1,113 @@
+"""RoBERTa dynamic masking: a fresh MLM mask every time a batch is drawn.
+
+Selection follows fairseq's MaskTokensDataset: each sequence gets exactly
+floor(mask_prob * n + u), u ~ U[0, 1), masked units (tokens, or words with whole_word), chosen
+uniformly among its n non-special units; the expectation is mask_prob * n with less spread than
+per-token Bernoulli draws. Each selected unit then independently becomes <mask>
+(mask_token_prob), a random non-special token (random_token_prob) or stays as it is (the rest).
+With whole_word the 80/10/10 decision is made per word, as in fairseq, so a word is never half
+<mask>, half visible.
+
+Randomness comes only from the torch.Generator passed in; `masking_generator` derives it from
+(seed, step, rank, micro_step) so a resumed run masks exactly as an uninterrupted one.
+
+Specials (never selected, never drawn as replacements): ids below num_special (<s>=0, <pad>=1,
+</s>=2, <unk>=3) and <mask>=vocab_size-1, the data prep dictionary.
+"""
+
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from pretrain.model import IGNORE_INDEX
+
+NUM_SPECIAL = 4  # <s>, <pad>, </s>, <unk>
+WORD_START = "\u2581"  # SentencePiece's "▁" marks a piece that begins a word
+
+
+@dataclass
+class MaskingConfig:
+    mask_prob: float = 0.15
+    mask_token_prob: float = 0.8
+    random_token_prob: float = 0.1  # the remaining 1 - 0.8 - 0.1 stay unchanged
+    whole_word: bool = False
+
+
+def masking_generator(seed: int, step: int, rank: int, micro_step: int = 0) -> torch.Generator:
+    """A CPU generator seeded from the training position, independent of any global RNG.
+
+    The key is hashed rather than added up so that no two (step, rank, micro_step) share a
+    stream and neighbouring seeds give unrelated masks.
+    """
+    key = f"{seed}/{step}/{rank}/{micro_step}".encode()
+    seed64 = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+    return torch.Generator().manual_seed(seed64 >> 1)  # 63 bits: always a valid torch seed
+
+
+def word_start_table(spm_pieces: Sequence[str]) -> torch.Tensor:
+    """[vocab_size] bool: which model ids begin a word, for whole-word masking.
+
+    spm_pieces[i] is the SentencePiece piece of spm id i (`sp.id_to_piece(i)`); spm ids 0..2 are
+    its own specials and spm id i >= 3 is model id i + 1. Specials and <mask> count as starts.
+    """
+    starts = torch.ones(len(spm_pieces) + 2, dtype=torch.bool)
+    starts[NUM_SPECIAL:-1] = torch.tensor([p.startswith(WORD_START) for p in spm_pieces[3:]], dtype=torch.bool)
+    return starts
+
+
+def mask_batch(
+    tokens: torch.Tensor,
+    cfg: MaskingConfig,
+    generator: torch.Generator,
+    *,
+    vocab_size: int,
+    num_special: int = NUM_SPECIAL,
+    word_start: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] token ids -> (input_ids, labels), both long [B, T].
+
+    labels hold the original token at selected positions and IGNORE_INDEX elsewhere. The random
+    numbers are drawn on the generator's device (CPU) and moved, so a mask depends only on the
+    generator's state, never on where the tokens live.
+    """
+    mask_id = vocab_size - 1
+    tokens = tokens.long()
+    B, T = tokens.shape
+
+    def rand(*size: int) -> torch.Tensor:
+        return torch.rand(size, generator=generator, device=generator.device).to(tokens.device)
+
+    special = (tokens < num_special) | (tokens == mask_id)
+    if cfg.whole_word:
+        assert word_start is not None, "whole_word masking needs the word_start table"
+        starts = word_start.to(tokens.device)[tokens] | special
+        # A piece right after a special (a sequence cut mid-word after <s>) opens its own word,
+        # so no word ever contains a special.
+        starts[:, 1:] |= special[:, :-1]
+        starts[:, 0] = True  # a row that begins mid-word still begins a (partial) word
+    else:
+        starts = torch.ones_like(special)
+    # Every token looks up the position of its word's first piece: decisions are made there.
+    cols = torch.arange(T, device=tokens.device).expand(B, T)
+    word_pos = torch.where(starts, cols, 0).cummax(dim=1).values
+
+    # Choose k of the n eligible word starts uniformly: rank random scores, ineligible last.
+    candidate = starts & ~special
+    n = candidate.sum(dim=1)
+    k = (cfg.mask_prob * n + rand(B)).floor().long()
+    score = torch.where(candidate, rand(B, T), 2.0)  # rand < 1, so 2.0 ranks after them
+    rank = score.argsort(dim=1, stable=True).argsort(dim=1)
+    selected = (rank < k[:, None]).gather(1, word_pos)
+
+    action = rand(B, T).gather(1, word_pos)  # one draw per word decides mask / random / keep
+    to_mask = selected & (action < cfg.mask_token_prob)
+    to_random = selected & ~to_mask & (action < cfg.mask_token_prob + cfg.random_token_prob)
+    random_ids = torch.randint(
+        num_special, mask_id, (B, T), generator=generator, device=generator.device
+    ).to(tokens.device)
+
+    input_ids = torch.where(to_mask, mask_id, torch.where(to_random, random_ids, tokens))
+    labels = torch.where(selected, tokens, IGNORE_INDEX)
+    return input_ids, labels

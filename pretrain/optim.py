@@ -1,0 +1,84 @@
+"""The optimizer and learning-rate schedule: AdamW with RoBERTa/XLM-R settings and
+linear warmup followed by linear or polynomial decay (fairseq's `polynomial_decay`)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pretrain.config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases and LayerNorm weights (all 1-d) get none,
+    as in RoBERTa/BERT. The embedding matrix is decayed, as in Hugging Face's run_mlm."""
+    decay, no_decay = [], []
+    for p in model.parameters():  # a tied weight is yielded once
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW plus what DeepSpeed's ZeRO optimizers do around it, for ZeRO stage 0:
+    skip an update whose gradients hold NaN or inf, clip to max_grad_norm, and report the
+    global norm. At stage 0 in fp32 DeepSpeed calls this optimizer directly: without the guard
+    a NaN gradient would reach every weight. `overflow` and `_global_grad_norm` are the
+    attributes DeepSpeed's engine reads (skipped-step count, get_global_grad_norm()).
+    Under ZeRO >= 1 max_grad_norm is 0 (DeepSpeed clips) and the guard is a second check.
+    """
+
+    def __init__(self, params, max_grad_norm: float = 0.0, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_grad_norm = max_grad_norm
+        self.overflow = False
+        self._global_grad_norm = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        if not grads:
+            return super().step(closure)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        self.overflow = not bool(norm.isfinite())
+        if self.overflow:
+            self._global_grad_norm = float("inf")
+            return None
+        self._global_grad_norm = float(norm)
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm)
+        return super().step(closure)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, max_grad_norm: float = 0.0) -> AdamW:
+    return AdamW(
+        param_groups(model, cfg.weight_decay), max_grad_norm=max_grad_norm, lr=cfg.lr, betas=tuple(cfg.betas),
+        eps=cfg.eps, weight_decay=cfg.weight_decay,
+    )
+
+
+def warmup_steps(cfg: OptimConfig, max_steps: int) -> int:
+    return cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(0.06 * max_steps)
+
+
+def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Multiplier of cfg.lr after `step` optimizer updates: 0 -> 1 over the warmup, then
+    (1 - progress)^power down to end_lr at max_steps (power 1 for the linear schedule)."""
+    warmup = warmup_steps(cfg, max_steps)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)  # the first update already gets a small nonzero lr
+    end = cfg.end_lr / cfg.lr
+    if step >= max_steps:
+        return end
+    progress = (step - warmup) / max(1, max_steps - warmup)
+    power = cfg.power if cfg.schedule == "polynomial" else 1.0
+    return end + (1.0 - end) * (1.0 - progress) ** power
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))

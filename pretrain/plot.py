@@ -1,0 +1,71 @@
+"""metrics.jsonl -> PNG plots: loss (with validation loss), per-language loss, learning
+rate, throughput. Used by `xlmr-plot RUN_DIR`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from pretrain.metrics import read_metrics  # noqa: E402
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_metrics(metrics_path: Path, out_dir: Path) -> list[Path]:
+    """Write loss.png, lang_loss.png, lr.png and throughput.png; returns their paths."""
+    records = read_metrics(metrics_path)
+    if not any(r.get("loss") is not None for r in records):
+        raise ValueError(f"{metrics_path} has no loss records yet")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*_series(records, "loss"), label="train")
+    steps, valid = _series(records, "valid/loss")
+    if steps:
+        ax.plot(steps, valid, "o-", label="valid")
+    ax.set(xlabel="step", ylabel="MLM loss (nats per masked token)", title="loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    paths.append(_save(fig, out_dir / "loss.png"))
+
+    langs = sorted({k.split("/", 1)[1] for r in records for k in r if k.startswith("lang_loss/")})
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for lang in langs:
+        ax.plot(*_series(records, f"lang_loss/{lang}"), label=lang, linewidth=1)
+    ax.set(xlabel="step", ylabel="MLM loss", title="train loss per language")
+    ax.grid(alpha=0.3)
+    if langs:
+        ax.legend(ncol=3, fontsize=7)
+    paths.append(_save(fig, out_dir / "lang_loss.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(*_series(records, "lr"))
+    ax.set(xlabel="step", ylabel="learning rate", title="learning rate")
+    ax.grid(alpha=0.3)
+    paths.append(_save(fig, out_dir / "lr.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(*_series(records, "tokens_per_s"), label="tokens/s")
+    ax.set(xlabel="step", ylabel="tokens/s", title="throughput")
+    ax.grid(alpha=0.3)
+    steps, mfu = _series(records, "mfu")
+    if steps:
+        ax2 = ax.twinx()
+        ax2.plot(steps, [100 * m for m in mfu], color="tab:orange", label="MFU %")
+        ax2.set_ylabel("MFU %")
+    paths.append(_save(fig, out_dir / "throughput.png"))
+    return paths

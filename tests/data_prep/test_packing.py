@@ -1,0 +1,77 @@
+"""Packing invariants, on the packer alone and on the real shards of the sample corpus."""
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+
+from data_prep.dictionary import BOS, EOS, Dictionary
+from data_prep.encode import choose_valid_docs
+from data_prep.config import PrepConfig
+from data_prep.packing import SequencePacker
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_token_once_in_order(seed):
+    rng = np.random.default_rng(seed)
+    seq_len = int(rng.integers(2, 40))
+    pieces = [rng.integers(4, 1000, size=int(rng.integers(0, 100))) for _ in range(50)]
+    packer = SequencePacker(seq_len, np.uint16)
+    out = [packer.add(p) for p in pieces] + [packer.finish()]
+    seqs = [s for block in out if block is not None for s in (block if block.ndim == 2 else [block])]
+    assert all(s[0] == BOS for s in seqs)
+    assert all(len(s) == seq_len for s in seqs[:-1]) and 2 <= len(seqs[-1]) <= seq_len
+    stream = np.concatenate(pieces)
+    assert np.array_equal(np.concatenate([s[1:] for s in seqs]), stream)
+
+
+def test_no_partial_sequence_when_stream_divides():
+    packer = SequencePacker(5, np.uint16)
+    full = packer.add(np.arange(4, 12))  # 8 tokens = 2 blocks of 4
+    assert full.shape == (2, 5) and packer.finish() is None
+
+
+def read_shard(path):
+    """Samples of a tar in order, read with tarfile + numpy (independently of webdataset)."""
+    out = []
+    with tarfile.open(path) as tar:
+        for member in tar:
+            assert member.name.endswith(".tokens.npy")
+            out.append(np.load(io.BytesIO(tar.extractfile(member).read())))
+    return out
+
+
+def expected_streams(prepared_data, lang, dictionary, valid_docs):
+    """The token stream of each split, encoded line by line straight from the cleaned text."""
+    streams = {"train": [], "valid": []}
+    doc = 0
+    for line in (prepared_data / "clean" / f"{lang}.txt").read_text(encoding="utf-8").split("\n")[:-1]:
+        split = "valid" if doc in valid_docs else "train"
+        if line:
+            streams[split] += [p + 1 if p != 0 else 3 for p in dictionary.sp.encode(line)] + [EOS]
+        else:
+            streams[split].append(EOS)  # the extra </s> ending a document
+            doc += 1
+    return streams
+
+
+@pytest.mark.parametrize("lang", ["en", "ja", "sl"])
+def test_shards_hold_the_whole_stream_in_order(prepared_data, lang):
+    manifest = json.loads((prepared_data / "manifest.json").read_text())
+    cfg = PrepConfig(**{k: v for k, v in manifest["config"].items() if k in ("seed",)})
+    cfg.split.__dict__.update(manifest["config"]["split"])
+    dictionary = Dictionary(prepared_data / manifest["vocab"]["spm_model"])
+    n_docs = manifest["languages"][lang]["docs"]
+    valid = set(choose_valid_docs(lang, n_docs, cfg).tolist())
+    expected = expected_streams(prepared_data, lang, dictionary, valid)
+    for split in ("train", "valid"):
+        shards = sorted(s["path"] for s in manifest["shards"] if s["lang"] == lang and s["split"] == split)
+        seqs = [seq for path in shards for seq in read_shard(prepared_data / path)]
+        assert all(seq[0] == BOS for seq in seqs)
+        short = [len(s) for s in seqs if len(s) != manifest["seq_len"]]
+        assert len(short) <= 1 and (not short or len(seqs[-1]) == short[0])  # one chunk per language here
+        got = np.concatenate([seq[1:] for seq in seqs]).tolist()
+        assert got == expected[split]
+        assert manifest["languages"][lang][split]["tokens"] == sum(map(len, seqs))
+        assert manifest["languages"][lang][split]["sequences"] == len(seqs)

@@ -1,0 +1,176 @@
+"""End-to-end runs of `xlmr-pretrain` in one process on the real prepared sample: training
+lowers the loss, metrics and plots, NaN handling, refusing other data, bad-input messages.
+
+The helpers here (`pretrain_run`, `records`) are shared with test_train_distributed.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Small and quick, every real code path: tiny model, few steps, one loader worker.
+FAST = [
+    "model=tiny", "deepspeed.micro_batch_size=4", "trainer.max_steps=4", "trainer.log_every=1",
+    "trainer.save_every=100", "trainer.eval_at_end=false", "data.num_workers=1", "wandb.mode=disabled",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pretrain_run(data_dir: Path, run_dir: Path, *overrides: str, nproc: int = 1, script: Path | None = None,
+                 check: bool = True, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run xlmr-pretrain (or a driver `script` that patches it) in `nproc` real processes:
+    plain python for one, torchrun with gloo for more."""
+    target = [str(script)] if script else ["-m", "pretrain.cli"]
+    if nproc == 1:
+        cmd = [sys.executable, *target]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(free_port()), *target]
+    cmd += [f"data_dir={data_dir}", f"run_dir={run_dir}", *FAST, *overrides]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        env={**os.environ, "DS_ACCELERATOR": "cpu", "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1",
+             "PYTHONPATH": str(REPO), "WANDB_SILENT": "true", **(env or {})},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"xlmr-pretrain failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def records(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    """step -> value of `key` from RUN_DIR/metrics.jsonl."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if key in r:
+            out[r["step"]] = r[key]
+    return out
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("xlmr-pretrain: error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_demo_trains_loss_falls_metrics_and_plots(prepared_data, tmp_path):
+    run = tmp_path / "run"
+    pretrain_run(prepared_data, run, "trainer.max_steps=30", "trainer.log_every=5", "deepspeed.micro_batch_size=8",
+                 "trainer.eval_at_end=true", "data.valid_max_sequences_per_lang=8")
+    loss = records(run)
+    assert sorted(loss) == [5, 10, 15, 20, 25, 30]
+    assert loss[30] < loss[5] - 0.3, loss  # ln(2002) = 7.6 at init; a tiny model learns unigram stats fast
+    full = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rec = full[-2]
+    for key in ("accuracy", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "data_wait_s", "tokens_seen"):
+        assert train_rec[key] is not None and train_rec[key] >= 0, key
+    assert any(k.startswith("lang_loss/") for k in train_rec)
+    assert "mfu" not in train_rec  # CPU: only what applies
+    assert "valid/loss" in full[-1] and any(k.startswith("valid_lang_loss/") for k in full[-1])
+
+    plots = subprocess.run([sys.executable, "-c", "from pretrain.cli import plot_main; plot_main()", str(run)],
+                           capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert plots.returncode == 0, plots.stderr
+    for name in ("loss.png", "lang_loss.png", "lr.png", "throughput.png"):
+        png = run / "plots" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+# A driver that turns the training loss of chosen forward calls into NaN (as a bf16
+# overflow would), then runs the real CLI.
+NAN_DRIVER = """
+import os
+import pretrain.model as M
+nan_calls = {int(c) for c in os.environ["NAN_CALLS"].split(",")}
+original, calls = M.XLMR.forward, [0]
+def forward(self, *args, **kwargs):
+    out = original(self, *args, **kwargs)
+    if self.training:
+        calls[0] += 1
+        if calls[0] - 1 in nan_calls:
+            out = out._replace(loss_sum=out.loss_sum * float("nan"))
+    return out
+M.XLMR.forward = forward
+from pretrain.cli import main
+main()
+"""
+
+
+def test_nan_loss_step_is_skipped_and_too_many_stop_the_run(prepared_data, tmp_path):
+    driver = tmp_path / "nan_driver.py"
+    driver.write_text(NAN_DRIVER)
+    # One NaN step (the 3rd; stage 0, where our AdamW must guard): skipped, training goes on.
+    run = tmp_path / "one"
+    pretrain_run(prepared_data, run, "trainer.max_steps=5", "deepspeed=zero0", "trainer.save_every=1",
+                 "trainer.keep_last=10", script=driver, env={"NAN_CALLS": "2"})
+    loss = records(run)
+    assert loss[3] is None and all(loss[s] is not None and loss[s] < 10 for s in (1, 2, 4, 5)), loss
+    assert records(run, "skipped_steps")[5] == 1
+    # The skipped step left every weight as it was after step 2; step 4 changed them again.
+    weights = {s: torch.load(run / f"checkpoints/step_{s:08d}/mp_rank_00_model_states.pt", weights_only=False)["module"]
+               for s in (2, 3, 4)}
+    assert all(torch.equal(weights[2][k], weights[3][k]) for k in weights[2])
+    assert all(torch.isfinite(v).all() for v in weights[4].values())
+    assert not all(torch.equal(weights[3][k], weights[4][k]) for k in weights[3])
+    # Three in a row with max_nonfinite_steps=3: a clear one-line error, exit code 2.
+    proc = pretrain_run(prepared_data, tmp_path / "many", "trainer.max_steps=6", "trainer.max_nonfinite_steps=3",
+                        script=driver, env={"NAN_CALLS": "1,2,3"}, check=False)
+    assert proc.returncode == 2
+    assert "NaN/inf for 3 steps in a row" in error_line(proc)
+
+
+def _copy_data(src: Path, dst: Path, edit) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    edit(manifest)
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def test_resume_refuses_other_vocabulary_or_manifest(prepared_data, tmp_path):
+    run = tmp_path / "run"
+    pretrain_run(prepared_data, run, "trainer.max_steps=2")
+
+    def other_vocab(m):
+        m["vocab"]["sha256"] = "0" * 64
+
+    proc = pretrain_run(_copy_data(prepared_data, tmp_path / "vocab", other_vocab), run, "trainer.max_steps=4", check=False)
+    assert proc.returncode == 2
+    assert "vocabulary" in error_line(proc) and "step_00000002" in error_line(proc)
+
+    def other_manifest(m):
+        m["languages"]["en"]["train"]["sequences"] += 1
+
+    proc = pretrain_run(_copy_data(prepared_data, tmp_path / "manifest", other_manifest), run, "trainer.max_steps=4",
+                        check=False)
+    assert proc.returncode == 2 and "manifest" in error_line(proc)
+    # The same data (re-read) still resumes.
+    proc = pretrain_run(prepared_data, run, "trainer.max_steps=3")
+    assert "resuming from step 2" in proc.stdout
+
+
+def test_bad_inputs_fail_with_one_line(prepared_data, tmp_path):
+    proc = pretrain_run(tmp_path / "missing", tmp_path / "r1", check=False)
+    assert proc.returncode == 2 and "does not exist" in error_line(proc)
+    (tmp_path / "empty").mkdir()
+    proc = pretrain_run(tmp_path / "empty", tmp_path / "r2", check=False)
+    assert proc.returncode == 2 and "is empty" in error_line(proc)
+    proc = pretrain_run(prepared_data, tmp_path / "r3", "model.vocab_size=1234", check=False)
+    assert proc.returncode == 2 and "vocab_size=1234" in error_line(proc)
+    proc = pretrain_run(prepared_data, tmp_path / "r4", "deepspeed=zero0", "deepspeed.precision=bf16", check=False)
+    assert proc.returncode == 2 and "zero_stage" in error_line(proc)
