@@ -11,6 +11,9 @@ Layout under RUN_DIR/checkpoints/ (documented in the README):
     latest                    the newest complete tag's name, replaced atomically after
                               checkpoint.json (DeepSpeed's own tools read this file)
 
+and RUN_DIR/sentencepiece.bpe.model, the SentencePiece model of the data's vocabulary (its
+sha256 is every checkpoint's vocab_sha256): a run dir is usable without its data dir.
+
 Every rank saves into `step_00000100.partial/`; rank 0 renames it to the tag once all are done,
 then writes checkpoint.json. A run killed mid-save (SIGKILL after SLURM's KillWait) leaves a
 `.partial` dir, or in the instant between rename and marker a tag without checkpoint.json:
@@ -23,6 +26,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -36,6 +41,7 @@ from pretrain.distributed import all_gather_object, barrier
 CHECKPOINTS = "checkpoints"
 MARKER = "checkpoint.json"
 LATEST = "latest"
+VOCAB_FILE = "sentencepiece.bpe.model"  # the name HF's XLMRobertaTokenizer looks for
 PARTIAL = ".partial"
 FORMAT = "xlmr-pretrain-checkpoint"
 FORMAT_VERSION = 1
@@ -44,7 +50,8 @@ FORMAT_VERSION = 1
 # the same on every rank), NaN-skipped steps, the W&B run id, the data fingerprint; plus "rng",
 # every rank's RNG states.
 CLIENT_KEYS = ("step", "tokens_seen", "consumed_micro_batches", "skipped_steps", "wandb_run_id",
-               "vocab_sha256", "manifest_sha256")
+               "vocab_sha256", "manifest_sha256", "data_plan")
+UNIVERSAL = "universal"  # inside a tag: its DeepSpeed universal checkpoint, made on the first resized resume
 
 
 def tag_for(step: int) -> str:
@@ -60,6 +67,16 @@ def data_fingerprint(manifest: dict) -> dict[str, str]:
         "vocab_sha256": manifest["vocab"]["sha256"],
         "manifest_sha256": hashlib.sha256(canonical).hexdigest(),
     }
+
+
+def keep_vocabulary(run_dir: Path, data_dir: str, manifest: dict) -> None:
+    """Copy the data's SentencePiece model into the run dir (rank 0, once)."""
+    target = run_dir / VOCAB_FILE
+    if not target.is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        shutil.copyfile(Path(data_dir) / manifest["vocab"]["spm_model"], tmp)
+        os.replace(tmp, target)
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -131,6 +148,49 @@ def check_compatible(tag_dir: Path, fingerprint: dict, model: dict) -> dict:
     return meta
 
 
+def needs_universal(meta: dict, world_size: int, zero_stage: int) -> bool:
+    """Whether resuming from a checkpoint with ``meta`` goes through a universal checkpoint.
+
+    ZeRO >= 1 shards the optimizer state by rank: another world size (or stage) needs
+    DeepSpeed's universal format, which stores every parameter's fp32 weights and Adam moments
+    whole. A ZeRO-0 checkpoint holds the whole optimizer state already and loads on any world
+    size. DeepSpeed loads a universal checkpoint of stage 1 or 2 into stage 1 or 2 exactly; into
+    stage 3 it fails with a bare assertion, or (from stage 3) runs but its next updates differ
+    from an uninterrupted run's by ~1e-5 relative: both are refused here."""
+    old_stage, old_world = meta.get("zero_stage"), meta.get("world_size")
+    if (old_stage, old_world) == (zero_stage, world_size) or old_stage == zero_stage == 0:
+        return False
+    if old_stage in (1, 2) and zero_stage in (1, 2):
+        return True
+    if old_stage == zero_stage == 3:
+        raise PretrainError(
+            f"cannot resume a ZeRO-3 checkpoint of {old_world} rank(s) on {world_size}: DeepSpeed 0.19 loads its "
+            "universal checkpoint into stage 3 with slightly different optimizer updates (measured; see the README), "
+            f"so resume it on {old_world} rank(s), or train with ZeRO 1 or 2 to change the rank count")
+    raise PretrainError(
+        f"cannot resume a ZeRO-{old_stage} checkpoint with deepspeed.zero_stage={zero_stage}: on resume the "
+        f"stage can change between 1 and 2 only; use deepspeed.zero_stage={old_stage}")
+
+
+def universal_checkpoint(tag_dir: Path) -> Path:
+    """The tag's universal checkpoint (TAG/universal), converted once by DeepSpeed's
+    ds_to_universal (rank 0; CPU only) and kept next to the shards it came from."""
+    target = tag_dir / UNIVERSAL
+    if not target.is_dir():
+        partial = tag_dir / (UNIVERSAL + PARTIAL)
+        shutil.rmtree(partial, ignore_errors=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+             "--output_folder", str(partial), "--inject_missing_state",
+             "--num_extract_workers", "1", "--num_merge_workers", "1"],
+            capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise PretrainError(f"converting {tag_dir} to a universal checkpoint failed: {last}")
+        os.replace(partial, target)
+    return target
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
@@ -183,6 +243,7 @@ def save_checkpoint(engine, run_dir: Path, state: dict, meta: dict, keep_last: i
 
 def load_checkpoint(engine, tag_dir: Path, rank: int, world_size: int) -> dict:
     """Load weights, optimizer and scheduler into the engine; return the client state.
+    ``tag_dir`` may be a tag's universal checkpoint (for an engine configured to load one).
     RNG states are restored when the world size is unchanged."""
     try:
         _, client_state = engine.load_checkpoint(

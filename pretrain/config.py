@@ -78,6 +78,9 @@ class PretrainConfig:
     data_dir: str = "data/sample"  # what `xlmr-prep` wrote (its default output_dir)
     run_dir: str = "runs/sample"  # checkpoints, metrics.jsonl, wandb/, hydra/; fixed, so a requeued job resumes
     resume: str = "auto"  # auto: the newest complete checkpoint in run_dir, if any | never | PATH
+    # An HF-format XLM-R dir (xlmr-export's or save_pretrained's) to start from: continued
+    # pretraining. Its architecture replaces model.* (not dropout); data_dir must use its vocabulary.
+    init_from: Optional[str] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -57,6 +57,55 @@ def hf_config_kwargs(cfg: ModelConfig) -> dict:
     )
 
 
+# transformers.XLMRobertaConfig's defaults, for keys a config.json leaves out
+_HF_DEFAULTS = dict(hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, type_vocab_size=2,
+                    initializer_range=0.02, layer_norm_eps=1e-12, pad_token_id=1, position_embedding_type="absolute",
+                    is_decoder=False, add_cross_attention=False, tie_word_embeddings=True)
+
+
+def model_config_from_hf(config: dict) -> ModelConfig:
+    """The inverse of hf_config_kwargs: a ModelConfig from an HF config.json (as a dict).
+
+    Raises ValueError, naming every offending setting, for configs this model cannot represent:
+    it is a post-LayerNorm RoBERTa encoder with exact GELU, fairseq's absolute positions, one
+    token type and the decoder tied to the word embedding.
+    """
+    c = {**_HF_DEFAULTS, **config}
+    problems = []
+    if c.get("model_type") not in ("xlm-roberta", "roberta"):
+        problems.append(f"model_type={c.get('model_type')!r} (need 'xlm-roberta' or 'roberta')")
+    if c["hidden_act"] != "gelu":
+        problems.append(f"hidden_act={c['hidden_act']!r} (need 'gelu', the exact erf GELU)")
+    if c["type_vocab_size"] != 1:
+        problems.append(f"type_vocab_size={c['type_vocab_size']} (need 1)")
+    if c["position_embedding_type"] != "absolute":
+        problems.append(f"position_embedding_type={c['position_embedding_type']!r} (need 'absolute')")
+    for flag in ("is_decoder", "add_cross_attention"):
+        if c[flag]:
+            problems.append(f"{flag}=true (need an encoder without cross-attention)")
+    if not c["tie_word_embeddings"]:
+        problems.append("tie_word_embeddings=false (the decoder must be the word embedding)")
+    if c["pad_token_id"] is None:
+        problems.append("pad_token_id=null (positions count from it)")
+    if c["hidden_size"] % c["num_attention_heads"]:
+        problems.append(f"hidden_size={c['hidden_size']} is not a multiple of num_attention_heads={c['num_attention_heads']}")
+    if problems:
+        raise ValueError("cannot represent this HF config: " + "; ".join(problems))
+    return ModelConfig(
+        vocab_size=c["vocab_size"],
+        hidden_size=c["hidden_size"],
+        num_layers=c["num_hidden_layers"],
+        num_heads=c["num_attention_heads"],
+        ffn_size=c["intermediate_size"],
+        max_positions=c["max_position_embeddings"],
+        dropout=c["hidden_dropout_prob"],
+        attention_dropout=c["attention_probs_dropout_prob"],
+        layer_norm_eps=c["layer_norm_eps"],
+        init_std=c["initializer_range"],
+        pad_id=c["pad_token_id"],
+    )
+
+
 def to_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our XLMR state_dict -> an XLMRobertaForMaskedLM state_dict (loads with strict=True)."""
     out = {}

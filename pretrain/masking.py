@@ -35,15 +35,17 @@ class MaskingConfig:
     whole_word: bool = False
 
 
-def masking_generator(seed: int, step: int, rank: int, micro_step: int = 0) -> torch.Generator:
-    """A CPU generator seeded from the training position, independent of any global RNG.
+def keyed_generator(*key) -> torch.Generator:
+    """A CPU generator seeded from a key, independent of any global RNG. The key is hashed
+    rather than added up so that no two keys share a stream and neighbouring seeds give
+    unrelated masks."""
+    digest = hashlib.blake2b("/".join(map(str, key)).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)  # 63 bits: a valid torch seed
 
-    The key is hashed rather than added up so that no two (step, rank, micro_step) share a
-    stream and neighbouring seeds give unrelated masks.
-    """
-    key = f"{seed}/{step}/{rank}/{micro_step}".encode()
-    seed64 = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
-    return torch.Generator().manual_seed(seed64 >> 1)  # 63 bits: always a valid torch seed
+
+def masking_generator(seed: int, step: int, rank: int, micro_step: int = 0) -> torch.Generator:
+    """The generator of a training micro-batch's masks: a function of its place in training."""
+    return keyed_generator(seed, step, rank, micro_step)
 
 
 def word_start_table(spm_pieces: Sequence[str]) -> torch.Tensor:
@@ -55,6 +57,14 @@ def word_start_table(spm_pieces: Sequence[str]) -> torch.Tensor:
     starts = torch.ones(len(spm_pieces) + 2, dtype=torch.bool)
     starts[NUM_SPECIAL:-1] = torch.tensor([p.startswith(WORD_START) for p in spm_pieces[3:]], dtype=torch.bool)
     return starts
+
+
+def load_word_starts(spm_model) -> torch.Tensor:
+    """word_start_table of a SentencePiece model file (our dictionary's ids)."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
+    return word_start_table([sp.id_to_piece(i) for i in range(sp.get_piece_size())])
 
 
 def mask_batch(

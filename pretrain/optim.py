@@ -72,7 +72,7 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     warmup = warmup_steps(cfg, max_steps)
     if step < warmup:
         return (step + 1) / (warmup + 1)  # the first update already gets a small nonzero lr
-    end = cfg.end_lr / cfg.lr
+    end = cfg.end_lr / cfg.lr if cfg.lr else 0.0  # lr=0 (a dry run) must not divide by zero
     if step >= max_steps:
         return end
     progress = (step - warmup) / max(1, max_steps - warmup)

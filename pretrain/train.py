@@ -15,13 +15,18 @@ from typing import Optional
 
 import torch
 
+from data_prep.state import sha256_file
 from pretrain import checkpoint, preemption
+from pretrain.consolidate import load_model
 from pretrain.config import PretrainConfig, PretrainError, check_config
-from pretrain.data import ShardError, build_train_loader, build_valid_loaders, languages, load_manifest
-from pretrain.distributed import (
-    all_reduce_max, all_reduce_sum, broadcast_object, build_engine, init_distributed, resolve_precision,
+from pretrain.data import (
+    ShardError, build_train_loader, build_valid_loaders, carry_over_plan, languages, load_manifest, position,
 )
-from pretrain.masking import mask_batch, masking_generator
+from pretrain.distributed import (
+    all_reduce_sum, broadcast_object, build_engine, init_distributed, resolve_precision,
+)
+from pretrain.evaluate import evaluate_mlm, summarize
+from pretrain.masking import load_word_starts, mask_batch, masking_generator
 from pretrain.metrics import MetricsLogger, flops_per_token, wandb_run_id
 from pretrain.model import IGNORE_INDEX, XLMR, ModelConfig, num_parameters
 from pretrain.optim import build_lr_scheduler, build_optimizer
@@ -34,7 +39,8 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
 
     # ---- the data and its vocabulary decide the model's vocabulary ----------------------
     manifest = _load_manifest(cfg.data_dir)
-    model_cfg = _model_config(cfg.model, manifest)
+    init = _init_weights(cfg, manifest) if cfg.init_from else None  # continued pretraining of an HF model
+    model_cfg = _model_config(init.config if init else cfg.model, manifest)
     langs = languages(manifest)
     fingerprint = checkpoint.data_fingerprint(manifest)
 
@@ -49,10 +55,21 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
     if rank == 0:
         for name in checkpoint.remove_incomplete(run_dir / checkpoint.CHECKPOINTS):
             say(f"removed {name}: a checkpoint save that was interrupted")
+        checkpoint.keep_vocabulary(run_dir, cfg.data_dir, manifest)
+    # Another world size or ZeRO stage than the checkpoint's: load it as a universal checkpoint.
+    if resume_from and checkpoint.needs_universal(resume_meta, world, ds.zero_stage):
+        say(f"resuming a checkpoint of {resume_meta['world_size']} rank(s), ZeRO {resume_meta['zero_stage']}, "
+            f"on {world} rank(s), ZeRO {ds.zero_stage}: through its universal checkpoint")
+        resume_from = _collective(lambda: checkpoint.universal_checkpoint(resume_from), rank)
+        ds = dataclasses.replace(ds, extra={**ds.extra, "checkpoint": {**ds.extra.get("checkpoint", {}), "load_universal": True}})
 
     # ---- model, optimizer, schedule, DeepSpeed ---------------------------------------------
     torch.manual_seed(tr.seed)  # the same initial weights on every rank
     model = XLMR(model_cfg)
+    if init and not resume_from:
+        model.load_state_dict(init.model.state_dict())
+        say(f"initialized from {init.source}")
+    del init
     n_params = num_parameters(model)  # before ZeRO-3 partitions the weights away
     optimizer = build_optimizer(model, cfg.optim, max_grad_norm=ds.gradient_clipping if ds.zero_stage == 0 else 0.0)
     scheduler = build_lr_scheduler(optimizer, cfg.optim, tr.max_steps)
@@ -60,7 +77,7 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
     torch.manual_seed(_rank_seed(tr.seed, rank))  # dropout: a different stream per rank
 
     state = {"step": 0, "tokens_seen": 0, "consumed_micro_batches": 0, "skipped_steps": 0, "wandb_run_id": None,
-             **fingerprint}
+             "data_plan": None, **fingerprint}
     if resume_from:
         state.update(checkpoint.load_checkpoint(engine, resume_from, rank, world))
         say(f"resuming from step {state['step']} ({resume_from})")
@@ -70,8 +87,14 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
 
     # ---- data: this rank's endless stream, positioned after what it already consumed -------
     try:
+        plan = state["data_plan"] or position.first_plan(position.layout(world, cfg.data.num_workers, ds.micro_batch_size))
+        state["data_plan"] = carry_over_plan(cfg.data_dir, manifest, cfg.data, plan, state["consumed_micro_batches"],
+                                             world, ds.micro_batch_size)
+        if state["data_plan"] is not plan:
+            say(f"data position carried over from {plan['layout']} to {state['data_plan']['layout']}: "
+                "the unread rest of every language is dealt anew, no sample repeated or skipped")
         loader = build_train_loader(cfg.data_dir, manifest, cfg.data, rank, world, ds.micro_batch_size,
-                                    state["consumed_micro_batches"])
+                                    state["consumed_micro_batches"], state["data_plan"])
         valid_loaders = build_valid_loaders(cfg.data_dir, manifest, cfg.data, rank, world, ds.micro_batch_size)
     except (OSError, ValueError, ShardError) as exc:
         raise PretrainError(str(exc)) from None
@@ -91,6 +114,7 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
         f"{len(langs)} languages; run dir {run_dir}")
 
     # ---- the loop --------------------------------------------------------------------------
+    word_start = load_word_starts(Path(cfg.data_dir) / manifest["vocab"]["spm_model"]) if cfg.masking.whole_word else None
     interval = _Interval(len(langs))
     nonfinite_in_row = 0
     preempted = False
@@ -102,8 +126,8 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
         micro_batches = [next(batches) for _ in range(gas)]  # the whole step's data, ahead
         interval.data_wait += time.perf_counter() - t0
         # Masks depend only on (seed, step, rank, micro-batch): a resumed run masks the same.
-        masked = [mask_batch(b["input_ids"], cfg.masking, masking_generator(tr.seed, step, rank, k), vocab_size=V)
-                  for k, b in enumerate(micro_batches)]
+        masked = [mask_batch(b["input_ids"], cfg.masking, masking_generator(tr.seed, step, rank, k), vocab_size=V,
+                             word_start=word_start) for k, b in enumerate(micro_batches)]
 
         # The step's loss is the mean over every masked token of the accumulated batch on all
         # ranks, not a mean of per-micro-batch means. Each micro-batch contributes its loss SUM
@@ -145,7 +169,7 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
         if (tr.eval_every and step % tr.eval_every == 0) or (tr.eval_at_end and step == tr.max_steps):
             if valid_loaders:
                 with _rng_untouched(device):  # validation must not shift the training's dropout
-                    record = _evaluate(engine, valid_loaders, cfg, langs, V, seq_len, rank, device)
+                    record = _evaluate(engine, valid_loaders, cfg, V, word_start, device)
                 logger.log(step, record)
                 say(f"step {step:>6} | valid loss {record['valid/loss']:.4f} | valid acc {record['valid/accuracy']:.3f}")
 
@@ -191,6 +215,33 @@ def _model_config(cfg: ModelConfig, manifest: dict) -> ModelConfig:
         raise PretrainError(f"the data's seq_len {manifest['seq_len']} needs model.max_positions >= "
                             f"{manifest['seq_len'] + cfg.pad_id + 1} (is {cfg.max_positions})")
     return dataclasses.replace(cfg, vocab_size=size)
+
+
+def _init_weights(cfg: PretrainConfig, manifest: dict):
+    """The HF-format model of init_from (architecture and weights; dropout and activation
+    checkpointing stay model.*), checked to have the data's vocabulary."""
+    init = load_model(cfg.init_from)
+    if sha256_file(init.spm_model) != manifest["vocab"]["sha256"]:
+        raise PretrainError(
+            f"init_from={cfg.init_from}: its vocabulary ({init.spm_model}) is not the one data_dir was encoded "
+            f"with: prepare the data with vocab.model={init.spm_model} to keep the model's vocabulary")
+    keep = {k: getattr(cfg.model, k) for k in ("dropout", "attention_dropout", "activation_checkpointing")}
+    init.config = dataclasses.replace(init.config, **keep)
+    return init
+
+
+def _collective(make, rank: int):
+    """make() on rank 0, its result (or its PretrainError) on every rank."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = make()
+        except PretrainError as exc:
+            error = str(exc)
+    result, error = broadcast_object((result, error))
+    if error:
+        raise PretrainError(error)
+    return result
 
 
 def _rank_seed(seed: int, rank: int) -> int:
@@ -269,39 +320,19 @@ def _micro_batch_sums(out, batch, num_langs: int, pad_id: int, device) -> torch.
     return torch.cat([head, per_lang_loss, per_lang_masked])
 
 
-@torch.no_grad()
-def _evaluate(engine, valid_loaders: dict, cfg: PretrainConfig, langs: list[str], V: int, seq_len: int,
-              rank: int, device) -> dict:
-    """Per-language MLM loss on the held-out shards, with fixed masks (the same at every
-    evaluation). Every rank runs the same number of forwards (ZeRO-3 gathers weights
-    collectively); a rank that ran out of batches feeds a dummy batch and ignores it."""
+def _evaluate(engine, valid_loaders: dict, cfg: PretrainConfig, V: int, word_start, device) -> dict:
+    """Per-language MLM loss on the held-out shards (pretrain/evaluate.py): masks fixed per
+    sequence, so the numbers do not depend on the world size and equal `xlmr-eval` on this
+    step's checkpoint. Every rank runs the same number of forwards, as ZeRO-3 needs."""
     engine.eval()
-    sums = torch.zeros(3 * len(langs), dtype=torch.float64, device=device)  # loss, masked, correct per lang
-    for lang, loader in valid_loaders.items():
-        i = langs.index(lang)
-        local = list(loader)
-        n_max = int(all_reduce_max(torch.tensor([len(local)], device=device)))
-        for b in range(n_max):
-            real = b < len(local)
-            tokens = local[b]["input_ids"] if real else torch.full((1, seq_len), 2, dtype=torch.long)
-            gen = masking_generator(cfg.trainer.seed, -1 - i, rank, b)
-            input_ids, labels = mask_batch(tokens, cfg.masking, gen, vocab_size=V)
-            out = engine(input_ids.to(device), labels.to(device))
-            if real:
-                sums[i] += out.loss_sum.double()
-                sums[len(langs) + i] += float(out.num_masked)
-                sums[2 * len(langs) + i] += float(out.num_correct)
-    sums = all_reduce_sum(sums).cpu().tolist()
+    sums = evaluate_mlm(engine, valid_loaders, cfg.masking, seed=cfg.trainer.seed, vocab_size=V, word_start=word_start,
+                        device=device)
     engine.train()
-    n = len(langs)
-    loss, masked, correct = sums[:n], sums[n:2 * n], sums[2 * n:]
-    record = {
-        "valid/loss": sum(loss) / max(1.0, sum(masked)),
-        "valid/accuracy": sum(correct) / max(1.0, sum(masked)),
-    }
-    for lang, l_sum, m in zip(langs, loss, masked):
-        if m:
-            record[f"valid_lang_loss/{lang}"] = l_sum / m
+    result = summarize(list(valid_loaders), all_reduce_sum(sums).cpu())
+    record = {"valid/loss": result["all"]["loss"], "valid/accuracy": result["all"]["accuracy"]}
+    for lang, row in result["languages"].items():
+        if row["masked_tokens"]:
+            record[f"valid_lang_loss/{lang}"] = row["loss"]
     return record
 
 

@@ -3,8 +3,9 @@ no I/O, so a resumed run finds its place without reading anything.
 
 A slot is one (rank, dataloader worker) pair; there are world_size * num_workers of them.
 Per language, epoch e is the language's k train shards shuffled with RNG(seed, lang, e);
-concatenating epochs 0, 1, 2, ... gives an endless sequence of shards, and position p of it
-goes to slot p % num_slots. So
+concatenating epochs 0, 1, 2, ... gives an endless sequence of shards (ShardSequence), and
+position p of it goes to slot p % num_slots (after a change of layout the positions are dealt
+the same way, the unfinished ones first: see position.py). So
 - within an epoch every shard, hence every sample, is read by exactly one slot;
 - every slot always has a next shard (streams are endless: no rank runs dry and hangs at the
   end of uneven shards, and a language with fewer shards than slots needs no special case);
@@ -19,7 +20,6 @@ a language is upsampled past its size, which temperature sampling does to small 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
 
 import numpy as np
 
@@ -42,28 +42,25 @@ def epoch_order(shards: list[Shard], *, seed: int, epoch: int) -> list[Shard]:
     return [shards[i] for i in rng.permutation(len(shards))]
 
 
-def slot_shards(shards: list[Shard], *, seed: int, slot: int, num_slots: int, skip: int = 0) -> Iterator[tuple[int, Shard]]:
-    """(position in the sequence, shard) of the shards ``slot`` reads, in order, endless,
-    leaving out its first ``skip``."""
-    epoch, order = -1, []
-    for position in range(slot + skip * num_slots, 1 << 62, num_slots):
-        if position // len(shards) != epoch:
-            epoch = position // len(shards)
-            order = epoch_order(shards, seed=seed, epoch=epoch)
-        yield position, order[position % len(shards)]
+class ShardSequence:
+    """A language's endless shard sequence: position p is shard p % k of epoch p // k."""
 
+    def __init__(self, shards: list[Shard], *, seed: int):
+        self.shards, self.seed = shards, seed
+        self._epoch, self._order = -1, shards
 
-def locate(shards: list[Shard], consumed: int, *, seed: int, slot: int, num_slots: int) -> tuple[int, int]:
-    """(shards finished, samples into the next) after ``consumed`` samples of this language."""
-    for finished, (_, shard) in enumerate(slot_shards(shards, seed=seed, slot=slot, num_slots=num_slots)):
-        if consumed < shard.samples:
-            return finished, consumed
-        consumed -= shard.samples
-    raise AssertionError("unreachable: slot_shards is endless")
+    def __getitem__(self, position: int) -> Shard:
+        epoch = position // len(self.shards)
+        if epoch != self._epoch:  # readers walk positions mostly in order: keep the last epoch
+            self._epoch, self._order = epoch, epoch_order(self.shards, seed=self.seed, epoch=epoch)
+        return self._order[position % len(self.shards)]
+
+    def samples(self, position: int) -> int:
+        return self[position].samples
 
 
 def block_order(size: int, *, seed: int, lang: str, position: int, block: int) -> np.ndarray:
     """The order in which a block of ``size`` consecutive samples of a shard is yielded
-    (``position``: the shard's place in the language's sequence, see slot_shards)."""
+    (``position``: the shard's place in the language's sequence)."""
     rng = np.random.default_rng([seed, _BLOCK_ORDER, lang_id(lang), position, block])
     return rng.permutation(size)

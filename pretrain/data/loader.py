@@ -6,6 +6,7 @@ The README ("Data loading") documents the design and its guarantees.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pretrain.data.dealing import block_order, locate, slot_shards
+from pretrain.data import position
+from pretrain.data.dealing import ShardSequence, block_order
 from pretrain.data.manifest import Shard, languages, mixing_probs, shards, usable_shards
 from pretrain.data.shards import ShardError, TokenSpec, read_shard
-
-_LANGUAGE_DRAWS = 1  # first word of the mixing RNG's seed (see dealing._SHARD_ORDER)
 
 
 @dataclass
@@ -50,87 +50,81 @@ def _collate(rows: list[tuple[str, np.ndarray]], langs: list[int], spec: TokenSp
 
 class TrainStream(IterableDataset):
     """The endless micro-batch stream of one rank; each dataloader worker makes every
-    num_workers-th micro-batch from its own slot. The only state is ``consumed_micro_batches``."""
+    num_workers-th micro-batch from its own slot. Its state is the plan of the current
+    generation (position.py) and ``consumed_micro_batches``."""
 
-    def __init__(self, data_dir, manifest, cfg: DataConfig, rank: int, world_size: int,
-                 micro_batch_size: int, consumed_micro_batches: int = 0):
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.micro_batch_size, self.consumed_micro_batches = micro_batch_size, consumed_micro_batches
-        self.num_workers = max(1, cfg.num_workers)
+    def __init__(self, data_dir, manifest, cfg: DataConfig, rank: int, plan: dict, consumed_micro_batches: int = 0):
+        self.cfg, self.rank, self.plan = cfg, rank, plan
+        self.micro_batch_size, self.num_workers = plan["layout"]["micro_batch_size"], plan["layout"]["num_workers"]
+        self.consumed = consumed_micro_batches - plan["start"]  # within this generation
         self.spec = TokenSpec.from_manifest(manifest)
         self.languages = languages(manifest)
         q = mixing_probs(manifest, cfg.alpha)
         self.mixed = [lang for lang in self.languages if q.get(lang, 0) > 0]
         probs = np.array([q[lang] for lang in self.mixed], dtype=np.float64)
         self.cdf = np.cumsum(probs / probs.sum())
-        self.shards: dict[str, list[Shard]] = {}
+        self.sequences: dict[str, ShardSequence] = {}
         self.skipped_shards: list[Shard] = []
         for lang in self.mixed:
             usable, skipped = usable_shards(shards(data_dir, manifest, lang, "train"))
             self.skipped_shards += skipped
             if not usable:
                 raise ShardError(f"no readable train shard for {lang!r} in {data_dir}: re-run xlmr-prep")
-            self.shards[lang] = usable
-
-    def _draw(self, rng: np.random.Generator, batches: int = 1) -> np.ndarray:
-        """Languages (positions in self.mixed) of the next micro-batches' samples, i.i.d. from q.
-        One call for n batches draws the same as n calls: Generator.random takes one 64-bit
-        output per double, in order, so a resume replays 10^6 micro-batches in seconds."""
-        u = rng.random(batches * self.micro_batch_size)
-        return np.minimum(np.searchsorted(self.cdf, u, side="right"), len(self.mixed) - 1)
+            self.sequences[lang] = ShardSequence(usable, seed=cfg.seed)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         if info is not None and info.num_workers != self.num_workers:
             raise ValueError(f"TrainStream made for {self.num_workers} workers runs in {info.num_workers}")
-        # torch asks worker 0 for the first batch, which is global batch `consumed`: so worker
-        # `id` plays the slot of the original run's worker (id + consumed) % num_workers.
-        worker = ((0 if info is None else info.id) + self.consumed_micro_batches) % self.num_workers
-        slot, num_slots = self.rank * self.num_workers + worker, self.world_size * self.num_workers
-        rng = np.random.default_rng([self.cfg.seed, _LANGUAGE_DRAWS, self.rank, worker])
-        # Resume: this worker made micro-batches worker, worker + W, ... below consumed. Replay
-        # their language draws (no I/O) and turn the per-language counts into stream positions.
-        made = max(0, -(-(self.consumed_micro_batches - worker) // self.num_workers))
-        counts = np.zeros(len(self.mixed), dtype=np.int64)
-        for start in range(0, made, 1 << 16):
-            counts += np.bincount(self._draw(rng, min(made - start, 1 << 16)), minlength=len(self.mixed))
-        streams = [
-            self._language_stream(lang, slot, num_slots, *locate(
-                self.shards[lang], int(n), seed=self.cfg.seed, slot=slot, num_slots=num_slots))
-            for lang, n in zip(self.mixed, counts)
-        ]
+        # torch asks worker 0 for the first batch, which is batch `consumed` of the generation:
+        # so worker `id` plays the slot of the original run's worker (id + consumed) % num_workers.
+        worker = ((0 if info is None else info.id) + self.consumed) % self.num_workers
+        slot = self.rank * self.num_workers + worker
+        rng = position.language_rng(self.cfg.seed, self.plan, self.rank, worker)
+        # Resume: replay the language draws of the micro-batches this worker made (no I/O) and
+        # turn the per-language counts into places in the language streams.
+        made = position.micro_batches_made(self.consumed, worker, self.num_workers)
+        counts = position.language_counts(rng, self.cdf, made, self.micro_batch_size)
+        streams = [self._language_stream(lang, slot, int(n)) for lang, n in zip(self.mixed, counts)]
         lang_index = [self.languages.index(lang) for lang in self.mixed]
         while True:
-            draws = self._draw(rng)
+            draws = position.draw_languages(rng, self.cdf, self.micro_batch_size)
             rows = [next(streams[i]) for i in draws]
             yield _collate(rows, [lang_index[i] for i in draws], self.spec)
 
-    def _language_stream(self, lang: str, slot: int, num_slots: int, finished: int, offset: int):
-        """This slot's samples of one language, endless, from ``offset`` samples into its
-        shard number ``finished`` on. Samples are shuffled within blocks of cfg.shuffle_block
-        consecutive ones: prep writes a document's sequences next to each other, and a
-        block-local shuffle keeps them apart in a batch at a bounded memory cost."""
-        seed, block = self.cfg.seed, max(1, self.cfg.shuffle_block)
-        for position, shard in slot_shards(self.shards[lang], seed=seed, slot=slot, num_slots=num_slots, skip=finished):
+    def _language_stream(self, lang: str, slot: int, consumed: int):
+        """This slot's samples of one language, endless, after the first ``consumed``.
+        Samples are shuffled within blocks of cfg.shuffle_block consecutive ones: prep writes
+        a document's sequences next to each other, and a block-local shuffle keeps them apart
+        in a batch at a bounded memory cost."""
+        seed, block, sequence = self.cfg.seed, max(1, self.cfg.shuffle_block), self.sequences[lang]
+        finished, offset = position.progress(position.slot_items(self.plan, lang, slot), sequence.samples, consumed)
+        for at, start in itertools.islice(position.slot_items(self.plan, lang, slot), finished, None):
+            shard, offset = sequence[at], start + offset
             first_block = offset // block
             samples = read_shard(shard, range(first_block * block, shard.samples), self.spec)
             for block_no in range(first_block, -(-shard.samples // block)):
                 rows = [next(samples) for _ in range(min(block, shard.samples - block_no * block))]
-                order = block_order(len(rows), seed=seed, lang=lang, position=position, block=block_no) if block > 1 else range(len(rows))
+                order = block_order(len(rows), seed=seed, lang=lang, position=at, block=block_no) if block > 1 else range(len(rows))
                 for i in order[offset % block if block_no == first_block else 0:]:
                     yield rows[i]
             offset = 0
 
 
 def build_train_loader(data_dir: str | Path, manifest: dict, cfg: DataConfig, rank: int, world_size: int,
-                       micro_batch_size: int, consumed_micro_batches: int = 0) -> DataLoader:
+                       micro_batch_size: int, consumed_micro_batches: int = 0, plan: Optional[dict] = None) -> DataLoader:
     """The endless train loader of one rank, positioned after ``consumed_micro_batches``.
 
-    Batch i comes from worker i % num_workers (torch hands batches out round-robin, in order),
-    which is what makes the stream a function of (seed, alpha, world_size, num_workers,
-    micro_batch_size) and resumable from the count alone. ``loader.dataset.skipped_shards``
-    lists shards skipped as unreadable (log its length)."""
-    dataset = TrainStream(data_dir, manifest, cfg, rank, world_size, micro_batch_size, consumed_micro_batches)
+    Batch i of a generation comes from worker i % num_workers (torch hands batches out
+    round-robin, in order), which makes the stream a function of (seed, alpha, the plan) and
+    resumable from the count alone. ``plan`` (default: the first generation's) must have this
+    run's layout: see `carry_over_plan`. ``loader.dataset.skipped_shards`` lists shards skipped
+    as unreadable (log its length)."""
+    run_layout = position.layout(world_size, cfg.num_workers, micro_batch_size)
+    plan = plan or position.first_plan(run_layout)
+    if plan["layout"] != run_layout:
+        raise ValueError(f"the data plan is for layout {plan['layout']}, this run has {run_layout}: carry it over first")
+    dataset = TrainStream(data_dir, manifest, cfg, rank, plan, consumed_micro_batches)
     workers = cfg.num_workers
     return DataLoader(
         dataset, batch_size=None, num_workers=workers, pin_memory=cfg.pin_memory and torch.cuda.is_available(),
@@ -138,9 +132,24 @@ def build_train_loader(data_dir: str | Path, manifest: dict, cfg: DataConfig, ra
     )
 
 
+def carry_over_plan(data_dir: str | Path, manifest: dict, cfg: DataConfig, plan: dict, consumed_micro_batches: int,
+                    world_size: int, micro_batch_size: int) -> dict:
+    """``plan`` itself if this run has its layout, else the next generation's plan: the
+    unread rest of every language dealt over this run's slots (position.carry_over)."""
+    run_layout = position.layout(world_size, cfg.num_workers, micro_batch_size)
+    if plan["layout"] == run_layout:
+        return plan
+    stream = TrainStream(data_dir, manifest, cfg, 0, plan, consumed_micro_batches)
+    sizes = {lang: sequence.samples for lang, sequence in stream.sequences.items()}
+    return position.carry_over(plan, consumed_micro_batches, run_layout, cfg.seed, stream.cdf, stream.mixed, sizes)
+
+
 class ValidSet(IterableDataset):
     """One language's validation samples for one rank: a contiguous slice of the (optionally
-    capped) held-out samples in manifest order, so ranks read disjoint parts, all once."""
+    capped) held-out samples in manifest order, so ranks read disjoint parts, all once.
+
+    Batches also carry ``index`` [B]: each sequence's position in the language's validation
+    set, which its mask is drawn from (pretrain.evaluate), so no result depends on the split."""
 
     def __init__(self, data_dir, manifest, cfg: DataConfig, lang: str, rank: int, world_size: int, batch_size: int):
         self.spec, self.batch_size = TokenSpec.from_manifest(manifest), batch_size
@@ -150,33 +159,43 @@ class ValidSet(IterableDataset):
         if cfg.valid_max_sequences_per_lang is not None:
             total = min(total, cfg.valid_max_sequences_per_lang)
         self.start, self.stop = total * rank // world_size, total * (rank + 1) // world_size
+        # Every rank runs this many forwards (ZeRO-3 gathers weights collectively): the batches
+        # of the largest slice, ceil(total / world_size) samples.
+        largest = -(-total // world_size)
+        self.max_batches = -(-largest // batch_size)
 
     def __len__(self) -> int:
-        """Batches on this rank; may differ by one between ranks (reduce totals after the loop)."""
+        """Batches on this rank; may be one short of ``max_batches``, the most of any rank."""
         return -(-(self.stop - self.start) // self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        rows, offset = [], 0
+        rows, offset, first = [], 0, self.start
         for shard in self.shards:
             wanted = range(max(self.start - offset, 0), min(self.stop - offset, shard.samples))
             for row in read_shard(shard, wanted, self.spec):
                 rows.append(row)
                 if len(rows) == self.batch_size:
-                    yield _collate(rows, [self.lang_index] * len(rows), self.spec)
+                    yield self._batch(rows, first)
+                    first += len(rows)
                     rows = []
             offset += shard.samples
         if rows:
-            yield _collate(rows, [self.lang_index] * len(rows), self.spec)
+            yield self._batch(rows, first)
+
+    def _batch(self, rows: list[tuple[str, np.ndarray]], first: int) -> dict[str, Any]:
+        batch = _collate(rows, [self.lang_index] * len(rows), self.spec)
+        batch["index"] = torch.arange(first, first + len(rows))
+        return batch
 
 
 def build_valid_loaders(data_dir: str | Path, manifest: dict, cfg: DataConfig, rank: int, world_size: int,
                         batch_size: int) -> dict[str, DataLoader]:
-    """One loader per language that has validation shards, read in the main process (the sets
-    are small and worker start-up per language would cost more than it saves)."""
+    """One loader per language that has validation sequences, read in the main process (the
+    sets are small and worker start-up per language would cost more than it saves)."""
     loaders = {}
     for lang in languages(manifest):
         dataset = ValidSet(data_dir, manifest, cfg, lang, rank, world_size, batch_size)
-        if dataset.shards:
+        if dataset.max_batches:
             loaders[lang] = DataLoader(dataset, batch_size=None, num_workers=0,
                                        pin_memory=cfg.pin_memory and torch.cuda.is_available())
     return loaders

@@ -91,3 +91,17 @@ def test_fingerprint_and_compatibility(tmp_path):
         checkpoint.check_compatible(tag, {**fp, "manifest_sha256": "other"}, model)
     with pytest.raises(PretrainError, match="model.hidden_size=128"):
         checkpoint.check_compatible(tag, fp, {**model, "hidden_size": 128})
+
+
+def test_which_resumes_go_through_a_universal_checkpoint():
+    def meta(world, stage):
+        return {"world_size": world, "zero_stage": stage}
+    assert not checkpoint.needs_universal(meta(2, 1), 2, 1)  # unchanged
+    assert not checkpoint.needs_universal(meta(2, 0), 4, 0)  # ZeRO-0 holds the whole optimizer state
+    assert not checkpoint.needs_universal(meta(2, 3), 2, 3)
+    for old, new in (((2, 1), (1, 1)), ((2, 2), (4, 1)), ((2, 1), (2, 2))):
+        assert checkpoint.needs_universal(meta(*old), *new)
+    for old, new, message in (((2, 3), (4, 3), "resume it on 2 rank"), ((2, 0), (2, 1), "use deepspeed.zero_stage=0"),
+                              ((2, 2), (2, 3), "between 1 and 2 only")):
+        with pytest.raises(PretrainError, match=message):
+            checkpoint.needs_universal(meta(*old), *new)

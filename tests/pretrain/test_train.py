@@ -174,3 +174,64 @@ def test_bad_inputs_fail_with_one_line(prepared_data, tmp_path):
     assert proc.returncode == 2 and "vocab_size=1234" in error_line(proc)
     proc = pretrain_run(prepared_data, tmp_path / "r4", "deepspeed=zero0", "deepspeed.precision=bf16", check=False)
     assert proc.returncode == 2 and "zero_stage" in error_line(proc)
+
+
+def _tiny_hf_model(out: Path, spm_model: Path, vocab_size: int) -> dict:
+    """A random tiny XLMRobertaForMaskedLM saved by HF itself, with our vocabulary; its state dict."""
+    import transformers
+
+    torch.manual_seed(123)
+    config = transformers.XLMRobertaConfig(
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=130, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        layer_norm_eps=1e-5)
+    model = transformers.XLMRobertaForMaskedLM(config)
+    model.save_pretrained(out)
+    shutil.copyfile(spm_model, out / "sentencepiece.bpe.model")
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_continued_pretraining_starts_from_an_hf_model(prepared_data, tmp_path):
+    manifest = json.loads((prepared_data / "manifest.json").read_text())
+    hf_dir = tmp_path / "hf"
+    hf_state = _tiny_hf_model(hf_dir, prepared_data / manifest["vocab"]["spm_model"], manifest["vocab"]["size"])
+
+    # lr=0: one step leaves the weights as loaded; ZeRO 0 saves them whole in the model-states file.
+    run = tmp_path / "run"
+    out = pretrain_run(prepared_data, run, f"init_from={hf_dir}", "optim.lr=0", "trainer.max_steps=1",
+                       "deepspeed=zero0", "deepspeed.precision=fp32").stdout
+    assert f"initialized from Hugging Face model {hf_dir}" in out and "(2 layers x 32," in out
+    saved = torch.load(run / "checkpoints" / "step_00000001" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    from pretrain.hf_convert import from_hf_state_dict
+    expected = from_hf_state_dict(hf_state)
+    assert sorted(saved) == sorted(expected)
+    for key, value in expected.items():
+        assert torch.equal(saved[key], value), key
+    # Resuming that run takes its checkpoint, not the HF weights again.
+    out = pretrain_run(prepared_data, run, f"init_from={hf_dir}", "trainer.max_steps=2", "deepspeed=zero0",
+                       "deepspeed.precision=fp32").stdout
+    assert "resuming from step 1" in out and "initialized from" not in out
+
+    # Data encoded with another vocabulary is refused: the model's ids would mean other pieces.
+    def other_vocab(m):
+        m["vocab"]["sha256"] = "0" * 64
+
+    other = _copy_data(prepared_data, tmp_path / "other_data", other_vocab)
+    proc = pretrain_run(other, tmp_path / "other", f"init_from={hf_dir}", check=False)
+    assert proc.returncode == 2 and "vocab.model=" in error_line(proc)
+
+
+def test_whole_word_masking_trains_and_evaluates_alike(prepared_data, tmp_path):
+    """masking.whole_word=true: the trainer and xlmr-eval both build the word-start table from
+    the vocabulary, and agree on the validation loss of the final checkpoint."""
+    run = tmp_path / "run"
+    pretrain_run(prepared_data, run, "masking.whole_word=true", "trainer.max_steps=2", "trainer.eval_at_end=true",
+                 "data.valid_max_sequences_per_lang=4", "deepspeed.precision=fp32")
+    assert sorted(records(run)) == [1, 2]
+    valid = records(run, "valid/loss")[2]
+    proc = subprocess.run([sys.executable, "-m", "pretrain.evaluate", str(run), "--no-fill-mask"], capture_output=True,
+                          text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((run / "eval" / "step_00000002.json").read_text())
+    assert report["settings"]["masking"]["whole_word"] is True
+    assert abs(report["all"]["loss"] - valid) <= 1e-5 * valid

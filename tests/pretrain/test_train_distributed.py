@@ -42,7 +42,7 @@ from tests.pretrain.test_train_distributed import GLOBAL_BATCH, content_mask, fi
 
 GAS = int(next(a for a in sys.argv if a.startswith("deepspeed.gradient_accumulation_steps=")).split("=")[1])
 
-def fixed_loader(data_dir, manifest, cfg, rank, world_size, micro_batch_size, consumed_micro_batches=0):
+def fixed_loader(data_dir, manifest, cfg, rank, world_size, micro_batch_size, consumed_micro_batches=0, plan=None):
     assert world_size * GAS * micro_batch_size == GLOBAL_BATCH
     def stream(consumed):
         while True:
@@ -157,3 +157,40 @@ def test_resume_is_exact_and_continues_the_wandb_run(prepared_data, tmp_path):
     assert len(list((resumed / "wandb").glob("offline-run-*"))) == 2
     assert _wandb_ids(resumed) == {run_id}
     assert _wandb_ids(straight) != {run_id}
+
+
+@pytest.mark.slow
+def test_resume_on_other_rank_counts_continues_the_same_training(prepared_data, tmp_path):
+    """2 ranks -> 1 -> 4, each leg resuming the previous one's checkpoint through DeepSpeed's
+    universal checkpoint: with the same global batch per step (the fixed driver), weights,
+    Adam moments, step count and learning-rate schedule carry over, so every step's loss and
+    gradient norm are those of an uninterrupted 2-rank run. The ZeRO stage goes 2 -> 1 -> 2."""
+    stages = (2, 1, 2)
+    driver = tmp_path / "fixed_driver.py"
+    driver.write_text(FIXED_DRIVER)
+    common = ["trainer.max_steps=6", "deepspeed.precision=fp32", "deepspeed.gradient_accumulation_steps=1", *NO_DROPOUT]
+    straight = tmp_path / "straight"
+    pretrain_run(prepared_data, straight, *common, f"deepspeed=zero{stages[0]}", "deepspeed.micro_batch_size=4",
+                 nproc=2, script=driver)
+
+    resized = tmp_path / "resized"
+    legs = [(2, 4, 2), (1, 8, 4), (4, 2, 6)]  # ranks, micro batch, stop at step
+    outputs = []
+    for (nproc, micro, stop), stage in zip(legs, stages):
+        outputs.append(pretrain_run(prepared_data, resized, *common, f"deepspeed=zero{stage}",
+                                    f"deepspeed.micro_batch_size={micro}", f"trainer.stop_at_step={stop}",
+                                    nproc=nproc, script=driver).stdout)
+    assert "through its universal checkpoint" in outputs[1] and "resuming from step 2" in outputs[1]
+    assert "through its universal checkpoint" in outputs[2] and "resuming from step 4" in outputs[2]
+    assert "data position carried over" in outputs[1]
+    meta = json.loads((resized / "checkpoints" / "step_00000006" / "checkpoint.json").read_text())
+    assert (meta["world_size"], meta["zero_stage"]) == (4, stages[2])
+    # What DeepSpeed cannot carry over exactly is refused before anything is loaded.
+    proc = pretrain_run(prepared_data, resized, *common, "deepspeed=zero3", "deepspeed.micro_batch_size=4",
+                        "trainer.max_steps=8", nproc=2, script=driver, check=False)
+    assert proc.returncode != 0 and "xlmr-pretrain: error: cannot resume a ZeRO-2 checkpoint" in proc.stderr, proc.stderr[-2000:]
+    for key in ("loss", "grad_norm"):
+        expected, got = records(straight, key), records(resized, key)
+        assert sorted(got) == list(range(1, 7))
+        for step in range(1, 7):
+            assert got[step] == pytest.approx(expected[step], rel=1e-5), (key, step, got, expected)

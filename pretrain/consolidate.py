@@ -1,0 +1,237 @@
+"""Weights out of a training checkpoint or a Hugging Face dir: the one place that reads them.
+
+`load_model(path)` gives an `XLMR` in eval mode, fp32, on the CPU, with its config, its
+SentencePiece model and where it came from; `xlmr-export`, `xlmr-eval` and continued
+pretraining all start here. `path` is any of
+
+    RUN_DIR, RUN_DIR/checkpoints, RUN_DIR/checkpoints/step_XXXXXXXX
+                      a tag of xlmr-pretrain (checkpoint.json: `model` = the ModelConfig,
+                      `config` = the resolved run config, `zero_stage`, `vocab_sha256`)
+    an HF dir         config.json + model.safetensors or pytorch_model.bin +
+                      sentencepiece.bpe.model, as xlmr-export or HF's save_pretrained of an
+                      XLMRobertaForMaskedLM writes it
+
+What a DeepSpeed tag holds, by ZeRO stage (as written by 1 to N ranks):
+
+    stage 0           mp_rank_00_model_states.pt: `module` is the full state dict in the
+                      model's dtype (beside torch AdamW's moments), always fp32 from
+                      xlmr-pretrain (its bf16 needs ZeRO >= 1);
+                      a bf16 stage-0 file from plain DeepSpeed keeps its fp32 masters in
+                      unnamed optimizer groups, and is refused rather than upcast.
+    stages 1, 2       the module file holds the working weights (bf16 in bf16 runs); the fp32
+                      master weights are flat partitions in each rank's *_optim_states.pt.
+    stage 3           the module files hold empty placeholders; the fp32 masters are flat
+                      partitions in each rank's *_optim_states.pt.
+
+For stages >= 1 DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint(lazy_mode=True)`
+reassembles the masters; it memory-maps the optimizer shards (the Adam moments, twice the
+weights, are never read into memory).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from data_prep.state import sha256_file
+from pretrain.checkpoint import CHECKPOINTS, MARKER, VOCAB_FILE, complete_checkpoints, read_meta, tag_for
+from pretrain.config import PretrainError
+from pretrain.hf_convert import from_hf_state_dict, model_config_from_hf
+from pretrain.model import XLMR, ModelConfig
+
+HF_CONFIG = "config.json"
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # in order of preference
+PROVENANCE = "xlmr_export.json"  # written by xlmr-export beside the HF files
+TIED = ("lm_head.decoder.weight", "tok_emb.weight")  # one tensor under two names
+
+
+@dataclass
+class LoadedModel:
+    model: XLMR  # eval mode, fp32, CPU
+    config: ModelConfig
+    spm_model: Path  # the SentencePiece model of its vocabulary (our Dictionary / HF tokenizer read it)
+    step: Optional[int]  # the training step, when known
+    data_dir: Optional[str]  # the data it was trained on, when known (as the run config wrote it)
+    source: str  # what was loaded, for logs and reports
+
+
+def resolve_tag(path: Union[str, Path], step: Optional[int] = None) -> Path:
+    """The checkpoint tag dir for a run dir, its checkpoints/ dir or a tag dir: the one of
+    `step` if given, else the newest complete one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise PretrainError(f"{path} does not exist (or is not a directory)")
+    if (path / MARKER).is_file() or path.name.startswith("step_"):  # a tag dir
+        if step is not None and path.name != tag_for(step):
+            raise PretrainError(f"{path} is the checkpoint {path.name}, not step {step}: give its run dir to pick a step")
+        _check_complete(path)
+        return path
+    ckpt_dir = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+    found = complete_checkpoints(ckpt_dir)
+    if step is None:
+        if not found:
+            raise PretrainError(f"no complete checkpoint in {ckpt_dir} (a checkpoint is a step_* dir holding {MARKER})")
+        return found[-1]
+    tag = ckpt_dir / tag_for(step)
+    if tag in found:
+        return tag
+    if tag.is_dir() or tag.with_name(tag.name + ".partial").is_dir():
+        _check_complete(tag)
+    available = ", ".join(str(read_meta(t).get("step", t.name)) for t in found) or "none"
+    raise PretrainError(f"no checkpoint of step {step} in {ckpt_dir}; complete checkpoints: steps {available}")
+
+
+def _check_complete(tag: Path) -> None:
+    if not (tag / MARKER).is_file():
+        raise PretrainError(f"{tag} is an incomplete checkpoint (no {MARKER}: its save was interrupted); "
+                            "use another step")
+
+
+def consolidated_state_dict(tag_dir: Union[str, Path]) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of a checkpoint tag under XLMR's parameter names, on the CPU.
+
+    At most one copy of the weights is ever held in memory, however many ranks wrote the tag:
+    - stage 0: the module file is memory-mapped (torch.load(mmap=True)); its fp32 tensors are
+      returned as they lie in the file, backed by the page cache, not copied;
+    - stages 1 and 2: DeepSpeed concatenates the ranks' memory-mapped flat partitions into one
+      fp32 vector (the one copy); the returned tensors are views into it;
+    - stage 3: DeepSpeed's lazy entries are materialized one at a time, each gathering one
+      parameter from the ranks' memory-mapped partitions into a tensor of its own.
+    The tied `lm_head.decoder.weight` is the `tok_emb.weight` tensor itself.
+    """
+    tag_dir = Path(tag_dir)
+    meta = read_meta(tag_dir)
+    stage = meta.get("zero_stage")
+    if stage == 0:
+        module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True,
+                            weights_only=False)["module"]
+        not_fp32 = sorted({str(t.dtype) for t in module.values() if t.dtype != torch.float32})
+        if not_fp32:
+            raise PretrainError(f"{tag_dir}: a ZeRO stage 0 checkpoint with {', '.join(not_fp32)} weights has no "
+                                "named fp32 master weights to export (xlmr-pretrain trains bf16 with ZeRO >= 1 only)")
+        state = dict(module)
+    elif stage in (1, 2, 3):
+        # The shards' fp32 partitions are saved as Parameters: without no_grad every gathered
+        # tensor would carry an autograd graph back to them, keeping every mapped shard alive.
+        with torch.no_grad():
+            lazy = _deepspeed_fp32_state_dict(tag_dir)
+            lazy.pop(TIED[0], None)  # DeepSpeed lists the tied weight twice: gathering it again would copy it
+            # ZeRO-3: each .contiguous() gathers one parameter; ZeRO 1/2: it returns the view as is.
+            state = {name: lazy_tensor.contiguous() for name, lazy_tensor in lazy.items()}
+    else:
+        raise PretrainError(f"{tag_dir}: unknown zero_stage {stage!r} in {MARKER}")
+    state[TIED[0]] = state[TIED[1]]
+    return state
+
+
+def _deepspeed_fp32_state_dict(tag_dir: Path) -> dict:
+    # DeepSpeed picks its accelerator when first imported: tell it there is no GPU (as
+    # pretrain.distributed does) rather than let it warn.
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # It prints progress lines and bars; a command's output should be its own.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name, lazy_mode=True)
+        except (OSError, ValueError) as exc:  # a missing or foreign shard
+            raise PretrainError(f"{tag_dir}: cannot read its ZeRO shards: {exc}") from None
+
+
+def load_model(path: Union[str, Path], step: Optional[int] = None) -> LoadedModel:
+    """The model of a checkpoint (run dir, checkpoints dir or tag dir; `step` picks a tag,
+    default the newest complete one) or of an HF dir."""
+    path = Path(path)
+    if (path / HF_CONFIG).is_file() and not (path / MARKER).is_file():
+        if step is not None:
+            raise PretrainError(f"{path} is a Hugging Face model dir: a step applies to checkpoints only")
+        return _load_hf(path)
+    tag = resolve_tag(path, step)
+    meta = read_meta(tag)
+    cfg = ModelConfig(**meta["model"])
+    spm_model = _vocabulary(tag, meta)
+    model = _build(cfg, consolidated_state_dict(tag), tag)
+    source = (f"checkpoint {tag} (step {meta['step']}, ZeRO {meta['zero_stage']}, "
+              f"{meta.get('world_size', '?')} rank(s), {meta.get('precision', '?')})")
+    return LoadedModel(model, cfg, spm_model, meta["step"], (meta.get("config") or {}).get("data_dir"), source)
+
+
+def _vocabulary(tag: Path, meta: dict) -> Path:
+    """The SentencePiece model the checkpoint was trained with: the trainer's copy in the run
+    dir, else the data dir's; refused unless its sha256 is the checkpoint's vocab_sha256."""
+    spm_model = tag.parent.parent / VOCAB_FILE
+    if not spm_model.is_file():
+        data_dir = (meta.get("config") or {}).get("data_dir")
+        try:
+            manifest = json.loads((Path(data_dir) / "manifest.json").read_text(encoding="utf-8"))
+            spm_model = Path(data_dir) / manifest["vocab"]["spm_model"]
+        except (TypeError, OSError, ValueError, KeyError):
+            raise PretrainError(f"the run dir {tag.parent.parent} has no {VOCAB_FILE}, and the data dir it was "
+                                f"trained on ({data_dir}) has no readable manifest.json: copy the data's "
+                                f"vocab/spm.model to {tag.parent.parent / VOCAB_FILE}") from None
+    if sha256_file(spm_model) != meta["vocab_sha256"]:
+        raise PretrainError(f"{spm_model} (sha256 {sha256_file(spm_model)[:12]}…) is not the vocabulary {tag} was "
+                            f"trained with (sha256 {meta['vocab_sha256'][:12]}…)")
+    return spm_model
+
+
+def _load_hf(path: Path) -> LoadedModel:
+    config = json.loads((path / HF_CONFIG).read_text(encoding="utf-8"))
+    try:
+        cfg = model_config_from_hf(config)
+    except ValueError as exc:
+        raise PretrainError(f"{path / HF_CONFIG}: {exc}") from None
+    except KeyError as exc:
+        raise PretrainError(f"{path / HF_CONFIG}: no {exc.args[0]!r}: not an XLM-R config") from None
+    spm_model = path / VOCAB_FILE
+    if not spm_model.is_file():
+        raise PretrainError(f"{path} has no {VOCAB_FILE} (the SentencePiece model of its vocabulary)")
+    import sentencepiece
+
+    try:
+        pieces = sentencepiece.SentencePieceProcessor(model_file=str(spm_model)).get_piece_size()
+    except (OSError, RuntimeError) as exc:
+        raise PretrainError(f"{spm_model}: not a readable SentencePiece model ({exc})") from None
+    if cfg.vocab_size != pieces + 2:  # <pad> and <mask> around the pieces (data_prep.dictionary)
+        raise PretrainError(f"{path}: the model has {cfg.vocab_size} ids but {VOCAB_FILE} has {pieces} pieces "
+                            f"(an XLM-R vocabulary is pieces + 2 = {pieces + 2})")
+    weights = next((path / name for name in HF_WEIGHTS if (path / name).is_file()), None)
+    if weights is None:
+        raise PretrainError(f"{path} has no {' or '.join(HF_WEIGHTS)}")
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        hf_state = load_file(weights)
+    else:
+        hf_state = torch.load(weights, map_location="cpu", mmap=True, weights_only=True)
+    try:
+        state = from_hf_state_dict(hf_state)
+    except KeyError as exc:
+        raise PretrainError(f"{weights}: not the weights of an XLMRobertaForMaskedLM ({exc.args[0]})") from None
+    del hf_state  # the q/k/v parts were copied into our fused qkv; everything else is shared
+    model = _build(cfg, state, weights)
+    provenance = path / PROVENANCE  # our own export knows its step and data
+    info = json.loads(provenance.read_text(encoding="utf-8")) if provenance.is_file() else {}
+    return LoadedModel(model, cfg, spm_model, info.get("step"), info.get("data_dir"), f"Hugging Face model {path}")
+
+
+def _build(cfg: ModelConfig, state: dict[str, torch.Tensor], source: Path) -> XLMR:
+    """An XLMR whose parameters are the given tensors, not copies of them: built on the meta
+    device (no memory), then assigned."""
+    with torch.device("meta"):
+        model = XLMR(cfg)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]  # [0] is "Error(s) in ..."
+        raise PretrainError(f"{source}: its weights do not fit the model config ({lines[-1][:300]})") from None
+    # assign=True wrapped the one tied tensor in two Parameters; make them one again, as XLMR does.
+    model.lm_head.decoder.weight = model.tok_emb.weight
+    return model.float().eval()
