@@ -62,6 +62,7 @@ class TrainerConfig:
     eval_at_end: bool = True
     max_nonfinite_steps: int = 5  # stop after this many NaN/inf losses in a row (each is skipped)
     peak_flops: float = 989e12  # per device, for MFU (H100 SXM, dense bf16); ignored on CPU
+    compile: bool = False  # torch.compile the model (DeepSpeed's engine.compile()): faster steps after a warm-up
 
 
 @dataclass

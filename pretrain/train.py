@@ -74,6 +74,8 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
     optimizer = build_optimizer(model, cfg.optim, max_grad_norm=ds.gradient_clipping if ds.zero_stage == 0 else 0.0)
     scheduler = build_lr_scheduler(optimizer, cfg.optim, tr.max_steps)
     engine = build_engine(model, optimizer, scheduler, ds, world)
+    if tr.compile:
+        engine.compile()
     torch.manual_seed(_rank_seed(tr.seed, rank))  # dropout: a different stream per rank
 
     state = {"step": 0, "tokens_seen": 0, "consumed_micro_batches": 0, "skipped_steps": 0, "wandb_run_id": None,
