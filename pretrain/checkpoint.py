@@ -154,22 +154,17 @@ def needs_universal(meta: dict, world_size: int, zero_stage: int) -> bool:
     ZeRO >= 1 shards the optimizer state by rank: another world size (or stage) needs
     DeepSpeed's universal format, which stores every parameter's fp32 weights and Adam moments
     whole. A ZeRO-0 checkpoint holds the whole optimizer state already and loads on any world
-    size. DeepSpeed loads a universal checkpoint of stage 1 or 2 into stage 1 or 2 exactly; into
-    stage 3 it fails with a bare assertion, or (from stage 3) runs but its next updates differ
-    from an uninterrupted run's by ~1e-5 relative: both are refused here."""
+    size. DeepSpeed loads a universal checkpoint of stage 1 or 2 into stage 1 or 2, and one of
+    stage 3 into stage 3; across those it fails with a bare assertion: refused here first."""
     old_stage, old_world = meta.get("zero_stage"), meta.get("world_size")
     if (old_stage, old_world) == (zero_stage, world_size) or old_stage == zero_stage == 0:
         return False
-    if old_stage in (1, 2) and zero_stage in (1, 2):
+    if old_stage in (1, 2) and zero_stage in (1, 2) or old_stage == zero_stage == 3:
         return True
-    if old_stage == zero_stage == 3:
-        raise PretrainError(
-            f"cannot resume a ZeRO-3 checkpoint of {old_world} rank(s) on {world_size}: DeepSpeed 0.19 loads its "
-            "universal checkpoint into stage 3 with slightly different optimizer updates (measured; see the README), "
-            f"so resume it on {old_world} rank(s), or train with ZeRO 1 or 2 to change the rank count")
     raise PretrainError(
         f"cannot resume a ZeRO-{old_stage} checkpoint with deepspeed.zero_stage={zero_stage}: on resume the "
-        f"stage can change between 1 and 2 only; use deepspeed.zero_stage={old_stage}")
+        "stage can change between 1 and 2 only (DeepSpeed converts a universal checkpoint of stage 1 or 2 "
+        f"into stage 1 or 2, and of stage 3 into stage 3); use deepspeed.zero_stage={old_stage}")
 
 
 def universal_checkpoint(tag_dir: Path) -> Path:
@@ -245,6 +240,13 @@ def load_checkpoint(engine, tag_dir: Path, rank: int, world_size: int) -> dict:
     """Load weights, optimizer and scheduler into the engine; return the client state.
     ``tag_dir`` may be a tag's universal checkpoint (for an engine configured to load one).
     RNG states are restored when the world size is unchanged."""
+    # DeepSpeed 0.19's universal load into ZeRO-3 gives every param group group 0's settings
+    # (weight decay on biases and LayerNorms too) and one `step` tensor to every group's state,
+    # which AdamW then increments once per group (wrong bias correction from the second group
+    # on). Both are put right after the load; on every other path they change nothing.
+    optimizer = engine.optimizer
+    torch_optimizer = getattr(optimizer, "optimizer", optimizer)
+    made = [(group["params"], group["weight_decay"]) for group in torch_optimizer.param_groups]
     try:
         _, client_state = engine.load_checkpoint(
             str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True,
@@ -254,6 +256,11 @@ def load_checkpoint(engine, tag_dir: Path, rank: int, world_size: int) -> dict:
         raise PretrainError(f"cannot resume from {tag_dir}: its weights do not fit this model ({first})") from None
     if client_state is None:
         raise PretrainError(f"cannot resume from {tag_dir}: DeepSpeed found no checkpoint there")
+    for group, (params, weight_decay) in zip(torch_optimizer.param_groups, made):
+        group["params"], group["weight_decay"] = params, weight_decay
+    for param_state in torch_optimizer.state.values():
+        if torch.is_tensor(param_state.get("step")):
+            param_state["step"] = param_state["step"].clone()
     rng = client_state.get("rng")
     if rng is not None and len(rng) == world_size:
         _set_rng_state(rng[rank])

@@ -99,9 +99,9 @@ def test_which_resumes_go_through_a_universal_checkpoint():
     assert not checkpoint.needs_universal(meta(2, 1), 2, 1)  # unchanged
     assert not checkpoint.needs_universal(meta(2, 0), 4, 0)  # ZeRO-0 holds the whole optimizer state
     assert not checkpoint.needs_universal(meta(2, 3), 2, 3)
-    for old, new in (((2, 1), (1, 1)), ((2, 2), (4, 1)), ((2, 1), (2, 2))):
+    for old, new in (((2, 1), (1, 1)), ((2, 2), (4, 1)), ((2, 1), (2, 2)), ((2, 3), (4, 3))):
         assert checkpoint.needs_universal(meta(*old), *new)
-    for old, new, message in (((2, 3), (4, 3), "resume it on 2 rank"), ((2, 0), (2, 1), "use deepspeed.zero_stage=0"),
-                              ((2, 2), (2, 3), "between 1 and 2 only")):
+    for old, new, message in (((2, 0), (2, 1), "use deepspeed.zero_stage=0"), ((2, 2), (2, 3), "between 1 and 2 only"),
+                              ((2, 3), (1, 2), "use deepspeed.zero_stage=3")):
         with pytest.raises(PretrainError, match=message):
             checkpoint.needs_universal(meta(*old), *new)
