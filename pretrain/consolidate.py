@@ -33,7 +33,7 @@ import contextlib
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
@@ -59,6 +59,8 @@ class LoadedModel:
     step: Optional[int]  # the training step, when known
     data_dir: Optional[str]  # the data it was trained on, when known (as the run config wrote it)
     source: str  # what was loaded, for logs and reports
+    tag: Optional[Path] = None  # the checkpoint tag dir (None for an HF dir)
+    meta: dict = field(default_factory=dict)  # its checkpoint.json ({} for an HF dir)
 
 
 def resolve_tag(path: Union[str, Path], step: Optional[int] = None) -> Path:
@@ -160,7 +162,8 @@ def load_model(path: Union[str, Path], step: Optional[int] = None) -> LoadedMode
     model = _build(cfg, consolidated_state_dict(tag), tag)
     source = (f"checkpoint {tag} (step {meta['step']}, ZeRO {meta['zero_stage']}, "
               f"{meta.get('world_size', '?')} rank(s), {meta.get('precision', '?')})")
-    return LoadedModel(model, cfg, spm_model, meta["step"], (meta.get("config") or {}).get("data_dir"), source)
+    return LoadedModel(model, cfg, spm_model, meta["step"], (meta.get("config") or {}).get("data_dir"), source,
+                       tag, meta)
 
 
 def _vocabulary(tag: Path, meta: dict) -> Path:

@@ -35,9 +35,8 @@ import torch
 
 from data_prep.dictionary import BOS, EOS, Dictionary
 from data_prep.state import sha256_file
-from pretrain.checkpoint import MARKER, read_meta
 from pretrain.config import PretrainError
-from pretrain.consolidate import HF_CONFIG, LoadedModel, load_model, resolve_tag
+from pretrain.consolidate import LoadedModel, load_model
 from pretrain.data import DataConfig, ShardError, build_valid_loaders, load_manifest
 from pretrain.masking import MaskingConfig, keyed_generator, load_word_starts, mask_batch
 from pretrain.model import IGNORE_INDEX, XLMR, MLMOutput
@@ -207,11 +206,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load(path: Path, step: Optional[int]) -> tuple[LoadedModel, dict, Path]:
     """(the model, its run config ({} for an HF dir), the default JSON path)."""
-    if (path / HF_CONFIG).is_file() and not (path / MARKER).is_file():
-        return load_model(path, step), {}, path / "eval.json"
-    tag = resolve_tag(path, step)
-    run_dir = tag.parent.parent
-    return load_model(tag), read_meta(tag).get("config") or {}, run_dir / "eval" / f"{tag.name}.json"
+    loaded = load_model(path, step)
+    if loaded.tag is None:
+        return loaded, {}, path / "eval.json"
+    return loaded, loaded.meta.get("config") or {}, loaded.tag.parent.parent / "eval" / f"{loaded.tag.name}.json"
 
 
 def _check_data(data_dir: Path, loaded: LoadedModel, given: bool) -> dict:

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from pretrain.checkpoint import VOCAB_FILE, read_meta
+from pretrain.checkpoint import VOCAB_FILE
 from pretrain.config import PretrainError
 from pretrain.consolidate import PROVENANCE, load_model, resolve_tag
 from pretrain.hf_convert import hf_config_kwargs, to_hf_state_dict
@@ -41,8 +41,8 @@ def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, dtype: str 
     tag = resolve_tag(run_dir, step)  # before any work: a missing step fails at once
     if _occupied(out_dir) and not overwrite:
         raise PretrainError(f"{out_dir} exists and is not an empty directory: pass --overwrite to replace it")
-    meta = read_meta(tag)
     loaded = load_model(tag)
+    meta = loaded.meta
     n_params = num_parameters(loaded.model)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
