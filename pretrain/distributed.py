@@ -146,6 +146,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown_distributed() -> None:
+    """All ranks leave together and close the process group: a rank that exits while others
+    still use the group can abort in the backend's teardown ("terminate called without an
+    active exception"), and torchrun then kills the rest."""
+    if dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
+
+
 def all_gather_object(obj) -> list:
     if dist.is_initialized() and dist.get_world_size() > 1:
         out = [None] * dist.get_world_size()

@@ -48,10 +48,6 @@ def stop_requested(device="cpu") -> bool:
 
 
 def exit_preempted() -> None:
-    """Exit with EXIT_PREEMPTED, all ranks together: rank 0 may still be closing W&B, and the
-    launcher must see every task end with this code (srun returns the highest)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    """Exit with EXIT_PREEMPTED; the trainer calls it after shutdown_distributed, so all ranks
+    leave together and the launcher sees every task end with this code (srun returns the highest)."""
     sys.exit(EXIT_PREEMPTED)

@@ -23,7 +23,7 @@ from pretrain.data import (
     ShardError, build_train_loader, build_valid_loaders, carry_over_plan, languages, load_manifest, position,
 )
 from pretrain.distributed import (
-    all_reduce_sum, broadcast_object, build_engine, init_distributed, resolve_precision,
+    all_reduce_sum, broadcast_object, build_engine, init_distributed, resolve_precision, shutdown_distributed,
 )
 from pretrain.evaluate import evaluate_mlm, summarize
 from pretrain.masking import load_word_starts, mask_batch, masking_generator
@@ -185,7 +185,8 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
 
     if resume_from and state["step"] == resume_meta["step"]:
         say(f"nothing to do: the checkpoint is at step {state['step']} (trainer.max_steps={tr.max_steps})")
-    logger.close()
+    logger.close()  # rank 0 may still be closing W&B: the others wait in the shutdown's barrier
+    shutdown_distributed()
     if preempted:
         preemption.exit_preempted()
 

@@ -96,7 +96,7 @@ from pathlib import Path
 import deepspeed, torch
 from pretrain.checkpoint import load_checkpoint, read_meta
 from pretrain.config import DeepSpeedConfig, OptimConfig
-from pretrain.distributed import build_engine, init_distributed
+from pretrain.distributed import build_engine, init_distributed, shutdown_distributed
 from pretrain.model import XLMR, ModelConfig
 from pretrain.optim import build_lr_scheduler, build_optimizer
 from tests.pretrain.test_export import fixed_batch
@@ -120,6 +120,7 @@ if env.rank == 0:
         for name, p in plain.named_parameters():
             p.copy_(weights[name])
         torch.save(plain.lm_head(plain.encode(ids, mask)), out)
+shutdown_distributed()  # leave together: a rank exiting alone can abort in the backend's teardown
 """
 
 
