@@ -42,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from pretrain.cli import CONF_DIR
 from pretrain.config import PretrainConfig, PretrainError, check_config, register_configs
 from pretrain.data import build_train_loader, load_manifest
+from pretrain.hf_convert import hf_config_kwargs
 from pretrain.masking import mask_batch, masking_generator
 from pretrain.metrics import METRICS_FILE, read_metrics
 
@@ -188,13 +189,8 @@ def run_hf(pcfg: PretrainConfig, manifest: dict, precision: str, warmup: int, st
     timed_tokens = sum(int(ids.ne(pad).sum()) for ids, _ in batches[warmup:])
 
     torch.manual_seed(tr.seed)
-    config = transformers.XLMRobertaConfig(
-        vocab_size=vocab, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-        intermediate_size=m.ffn_size, max_position_embeddings=m.max_positions, type_vocab_size=1,
-        hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.attention_dropout,
-        layer_norm_eps=m.layer_norm_eps, pad_token_id=pad, bos_token_id=0, eos_token_id=2,
-        attn_implementation="sdpa",
-    )
+    config = transformers.XLMRobertaConfig(**hf_config_kwargs(dataclasses.replace(m, vocab_size=vocab)),
+                                           attn_implementation="sdpa")
     model = transformers.XLMRobertaForMaskedLM(config).to(device).train()
     if m.activation_checkpointing:
         model.gradient_checkpointing_enable()
