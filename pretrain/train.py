@@ -20,7 +20,7 @@ from pretrain import checkpoint, preemption
 from pretrain.consolidate import load_model
 from pretrain.config import PretrainConfig, PretrainError, check_config
 from pretrain.data import (
-    ShardError, build_train_loader, build_valid_loaders, carry_over_plan, languages, load_manifest, position,
+    ShardError, build_train_loader, build_valid_loaders, carry_over_plan, languages, load_manifest,
 )
 from pretrain.distributed import (
     all_reduce_sum, broadcast_object, build_engine, init_distributed, resolve_precision, shutdown_distributed,
@@ -89,11 +89,11 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
 
     # ---- data: this rank's endless stream, positioned after what it already consumed -------
     try:
-        plan = state["data_plan"] or position.first_plan(position.layout(world, cfg.data.num_workers, ds.micro_batch_size))
-        state["data_plan"] = carry_over_plan(cfg.data_dir, manifest, cfg.data, plan, state["consumed_micro_batches"],
-                                             world, ds.micro_batch_size)
-        if state["data_plan"] is not plan:
-            say(f"data position carried over from {plan['layout']} to {state['data_plan']['layout']}: "
+        saved_plan = state["data_plan"]
+        state["data_plan"] = carry_over_plan(cfg.data_dir, manifest, cfg.data, saved_plan,
+                                             state["consumed_micro_batches"], world, ds.micro_batch_size)
+        if saved_plan is not None and state["data_plan"] is not saved_plan:
+            say(f"data position carried over from {saved_plan['layout']} to {state['data_plan']['layout']}: "
                 "the unread rest of every language is dealt anew, no sample repeated or skipped")
         loader = build_train_loader(cfg.data_dir, manifest, cfg.data, rank, world, ds.micro_batch_size,
                                     state["consumed_micro_batches"], state["data_plan"])

@@ -132,11 +132,14 @@ def build_train_loader(data_dir: str | Path, manifest: dict, cfg: DataConfig, ra
     )
 
 
-def carry_over_plan(data_dir: str | Path, manifest: dict, cfg: DataConfig, plan: dict, consumed_micro_batches: int,
-                    world_size: int, micro_batch_size: int) -> dict:
-    """``plan`` itself if this run has its layout, else the next generation's plan: the
-    unread rest of every language dealt over this run's slots (position.carry_over)."""
+def carry_over_plan(data_dir: str | Path, manifest: dict, cfg: DataConfig, plan: Optional[dict],
+                    consumed_micro_batches: int, world_size: int, micro_batch_size: int) -> dict:
+    """The plan this run reads with: the first generation's for a new run (``plan`` None),
+    ``plan`` itself if this run has its layout, else the next generation's plan: the unread
+    rest of every language dealt over this run's slots (position.carry_over)."""
     run_layout = position.layout(world_size, cfg.num_workers, micro_batch_size)
+    if plan is None:
+        return position.first_plan(run_layout)
     if plan["layout"] == run_layout:
         return plan
     stream = TrainStream(data_dir, manifest, cfg, 0, plan, consumed_micro_batches)
