@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import multiprocessing
 import os
@@ -39,6 +38,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+from data_prep.atomic import write_json
 from pretrain.cli import CONF_DIR
 from pretrain.config import PretrainConfig, PretrainError, check_config, register_configs
 from pretrain.data import build_train_loader, load_manifest
@@ -313,8 +313,7 @@ def run_bench(cfg: BenchConfig) -> dict:
 
     print("\n" + format_table(results["rows"]), flush=True)
     if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(json.dumps(results, indent=1) + "\n")
+        write_json(Path(cfg.out), results)
         print(f"\nwrote {cfg.out}")
     return results
 

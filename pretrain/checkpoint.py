@@ -35,6 +35,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from data_prep.atomic import atomic_open, write_json
 from pretrain.config import PretrainError
 from pretrain.distributed import all_gather_object, barrier
 
@@ -73,10 +74,8 @@ def keep_vocabulary(run_dir: Path, data_dir: str, manifest: dict) -> None:
     """Copy the data's SentencePiece model into the run dir (rank 0, once)."""
     target = run_dir / VOCAB_FILE
     if not target.is_file():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-        shutil.copyfile(Path(data_dir) / manifest["vocab"]["spm_model"], tmp)
-        os.replace(tmp, target)
+        with open(Path(data_dir) / manifest["vocab"]["spm_model"], "rb") as src, atomic_open(target) as dst:
+            shutil.copyfileobj(src, dst)
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -201,15 +200,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(engine, run_dir: Path, state: dict, meta: dict, keep_last: int, rank: int) -> Path:
     """Save on all ranks, then (rank 0) mark the tag complete, point `latest` at it and drop
     the oldest complete tags beyond keep_last. `state` is the client state (every rank passes
@@ -228,8 +218,9 @@ def save_checkpoint(engine, run_dir: Path, state: dict, meta: dict, keep_last: i
         os.replace(ckpt_dir / (tag + PARTIAL), ckpt_dir / tag)
         meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, step=state["step"],
                     tokens_seen=state["tokens_seen"], saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        _write_atomic(ckpt_dir / tag / MARKER, json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
-        _write_atomic(ckpt_dir / LATEST, tag)
+        write_json(ckpt_dir / tag / MARKER, meta)
+        with atomic_open(ckpt_dir / LATEST, "w", encoding="utf-8") as f:
+            f.write(tag)
         for old in complete_checkpoints(ckpt_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()

@@ -40,7 +40,7 @@ from typing import Optional, Union
 import torch
 
 from data_prep.state import sha256_file
-from pretrain.checkpoint import CHECKPOINTS, MARKER, VOCAB_FILE, complete_checkpoints, read_meta, tag_for
+from pretrain.checkpoint import CHECKPOINTS, MARKER, PARTIAL, VOCAB_FILE, complete_checkpoints, read_meta, tag_for
 from pretrain.config import PretrainError
 from pretrain.hf_convert import from_hf_state_dict, model_config_from_hf
 from pretrain.model import XLMR, ModelConfig
@@ -83,7 +83,7 @@ def resolve_tag(path: Union[str, Path], step: Optional[int] = None) -> Path:
     tag = ckpt_dir / tag_for(step)
     if tag in found:
         return tag
-    if tag.is_dir() or tag.with_name(tag.name + ".partial").is_dir():
+    if tag.is_dir() or tag.with_name(tag.name + PARTIAL).is_dir():
         _check_complete(tag)
     available = ", ".join(str(read_meta(t).get("step", t.name)) for t in found) or "none"
     raise PretrainError(f"no checkpoint of step {step} in {ckpt_dir}; complete checkpoints: steps {available}")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Callable, Optional
 
 import torch
 
+from data_prep.atomic import write_json
 from data_prep.dictionary import BOS, EOS, Dictionary
 from data_prep.state import sha256_file
 from pretrain.config import PretrainError
@@ -283,8 +283,7 @@ def run(args: argparse.Namespace) -> None:
                 print(f"  {rank:>2}. {piece:<20} {prob:.4f}")
 
     out = args.out or default_out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(out, report)
     print(f"\nwrote {out}")
 
 
