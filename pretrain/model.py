@@ -2,7 +2,7 @@
 
 Owns the architecture, its weight init and the MLM loss; knows nothing about processes,
 DeepSpeed, data or logging. Numerically it matches Hugging Face `XLMRobertaForMaskedLM`
-given the same weights (tests/pretrain/test_model.py checks it; pretrain/hf_convert.py maps
+given the same weights (tests/pretrain/test_model.py checks it; pretrain/interop/hf_convert.py maps
 the weights both ways).
 
 Sizes (the Hydra YAML owns the presets; listed here for orientation):

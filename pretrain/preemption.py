@@ -1,7 +1,7 @@
 """Checkpoint-and-exit on a signal: the trainer's side of a preemptible SLURM job.
 
 SLURM warns a job before its time limit (`#SBATCH --signal=B:USR1@120`, passed on to the
-tasks by `pretrain.slurm launch`) and kills a preempted or requeued one with SIGTERM (then
+tasks by `pretrain.cluster.slurm launch`) and kills a preempted or requeued one with SIGTERM (then
 SIGKILL after KillWait). `install()` makes both signals only set a flag; the loop calls
 `stop_requested()` once per step. The ranks agree on it with one all-reduce (a signal reaches
 them at different steps, and every rank must take part in the DeepSpeed checkpoint save),
@@ -12,7 +12,7 @@ from __future__ import annotations
 import signal
 import sys
 
-# EX_TEMPFAIL: "try again later". `pretrain.slurm launch` requeues the job on this code only.
+# EX_TEMPFAIL: "try again later". `pretrain.cluster.slurm launch` requeues the job on this code only.
 EXIT_PREEMPTED = 75
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -38,7 +38,7 @@ def received() -> bool:
 def stop_requested(device="cpu") -> bool:
     """Collective: True on every rank once any rank got a signal. Call it on all ranks at
     the same point of every step."""
-    import torch  # here, not at the top: pretrain.slurm's launcher imports this module
+    import torch  # here, not at the top: pretrain.cluster.slurm's launcher imports this module
     import torch.distributed as dist
 
     flag = torch.tensor([1.0 if _received else 0.0], device=device)

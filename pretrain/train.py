@@ -17,7 +17,7 @@ import torch
 
 from data_prep.state import sha256_file
 from pretrain import checkpoint, preemption
-from pretrain.consolidate import load_model
+from pretrain.interop.consolidate import load_model
 from pretrain.config import PretrainConfig, PretrainError, check_config
 from pretrain.data import (
     ShardError, build_train_loader, build_valid_loaders, carry_over_plan, languages, load_manifest,
@@ -25,7 +25,7 @@ from pretrain.data import (
 from pretrain.distributed import (
     all_reduce_sum, broadcast_object, build_engine, init_distributed, resolve_precision, shutdown_distributed,
 )
-from pretrain.evaluate import evaluate_mlm, summarize
+from pretrain.evaluation.mlm import evaluate_mlm, summarize
 from pretrain.masking import load_word_starts, mask_batch, masking_generator
 from pretrain.metrics import MetricsLogger, flops_per_token, wandb_run_id
 from pretrain.model import IGNORE_INDEX, XLMR, ModelConfig, num_parameters
@@ -324,7 +324,7 @@ def _micro_batch_sums(out, batch, num_langs: int, pad_id: int, device) -> torch.
 
 
 def _evaluate(engine, valid_loaders: dict, cfg: PretrainConfig, V: int, word_start, device) -> dict:
-    """Per-language MLM loss on the held-out shards (pretrain/evaluate.py): masks fixed per
+    """Per-language MLM loss on the held-out shards (pretrain/evaluation/mlm.py): masks fixed per
     sequence, so the numbers do not depend on the world size and equal `xlmr-eval` on this
     step's checkpoint. Every rank runs the same number of forwards, as ZeRO-3 needs."""
     engine.eval()

@@ -1,6 +1,7 @@
 """Shared fixtures: real prep output made once per test session by the real `xlmr-prep`."""
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -30,11 +31,21 @@ def run_prep(*overrides: str, check: bool = True, env: dict | None = None, timeo
     return proc
 
 
+def prep_code_hash() -> str:
+    """A hash of everything that decides what xlmr-prep writes (its sources, its config and
+    the settings above), so a cached prepared sample is never one made by other code."""
+    h = hashlib.sha256(" ".join(PREPARED_DATA_ARGS).encode())
+    for path in sorted([*(REPO / "data_prep").rglob("*.py"), *(REPO / "conf").rglob("*.yaml"), *SAMPLE_CORPUS.iterdir()]):
+        h.update(str(path.relative_to(REPO)).encode() + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 @pytest.fixture(scope="session")
 def prepared_data(tmp_path_factory) -> Path:
-    """DATA_DIR written by xlmr-prep on the bundled sample (shared by all xdist workers)."""
+    """DATA_DIR written by xlmr-prep on the bundled sample, shared by all xdist workers and
+    kept between test sessions while the prep code is unchanged."""
     root = tmp_path_factory.getbasetemp().parent
-    out = root / "prepared_data"
+    out = root / f"prepared_data-{prep_code_hash()}"
     with FileLock(str(root / "prepared_data.lock")):
         if not (out / "manifest.json").exists():
             run_prep(f"output_dir={out}", *PREPARED_DATA_ARGS)

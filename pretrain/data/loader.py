@@ -152,7 +152,7 @@ class ValidSet(IterableDataset):
     capped) held-out samples in manifest order, so ranks read disjoint parts, all once.
 
     Batches also carry ``index`` [B]: each sequence's position in the language's validation
-    set, which its mask is drawn from (pretrain.evaluate), so no result depends on the split."""
+    set, which its mask is drawn from (pretrain.evaluation.mlm), so no result depends on the split."""
 
     def __init__(self, data_dir, manifest, cfg: DataConfig, lang: str, rank: int, world_size: int, batch_size: int):
         self.spec, self.batch_size = TokenSpec.from_manifest(manifest), batch_size

@@ -19,9 +19,9 @@ KEYS = ("tokens_per_s", "samples_per_s", "mfu", "peak_gb", "data_wait_ms", "time
 
 
 def bench_run(data_dir: Path, work_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    """The real `xlmr-bench` (pretrain.bench:main) in a subprocess, on the CPU."""
+    """The real `xlmr-bench` (pretrain.evaluation.bench:main) in a subprocess, on the CPU."""
     proc = subprocess.run(
-        [sys.executable, "-m", "pretrain.bench", f"data_dir={data_dir}", f"work_dir={work_dir}", *overrides],
+        [sys.executable, "-m", "pretrain.evaluation.bench", f"data_dir={data_dir}", f"work_dir={work_dir}", *overrides],
         capture_output=True, text=True, timeout=600, cwd=REPO,
         env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", "HYDRA_FULL_ERROR": "0",
              "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},

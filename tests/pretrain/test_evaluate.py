@@ -1,4 +1,4 @@
-"""`xlmr-eval` and the validation loop it shares with the trainer (pretrain/evaluate.py), on a
+"""`xlmr-eval` and the validation loop it shares with the trainer (pretrain/evaluation/mlm.py), on a
 real 2-rank run of the tiny model over the prepared sample.
 
 The numbers are checked against the trainer's own validation (another world size, another
@@ -20,10 +20,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.consolidate import load_model
+from pretrain.interop.consolidate import load_model
 from pretrain.data import DataConfig, build_valid_loaders, load_manifest
-from pretrain.evaluate import DEMO_SENTENCES, SUMS, evaluate_mlm, main, validation_generator
-from pretrain.hf_convert import hf_config_kwargs, to_hf_state_dict
+from pretrain.evaluation.mlm import DEMO_SENTENCES, SUMS, evaluate_mlm, main, validation_generator
+from pretrain.interop.hf_convert import hf_config_kwargs, to_hf_state_dict
 from pretrain.masking import MaskingConfig, mask_batch
 from pretrain.model import IGNORE_INDEX
 from tests.pretrain.test_data import read_tar

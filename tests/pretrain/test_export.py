@@ -1,4 +1,4 @@
-"""`xlmr-export` and pretrain.consolidate on real checkpoints of the trainer (torchrun, gloo,
+"""`xlmr-export` and pretrain.interop.consolidate on real checkpoints of the trainer (torchrun, gloo,
 tiny model, fp32): ZeRO 0-3 exports give, in Hugging Face transformers, the logits of the
 trained model as DeepSpeed itself loads it; the exported tokenizer gives our Dictionary's ids;
 HF dirs load back; the CLI's steps, errors, atomic output and memory bound."""
@@ -20,9 +20,9 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, XLMRobertaConfig, 
 
 from data_prep.dictionary import Dictionary
 from pretrain.config import PretrainError
-from pretrain.consolidate import load_model
-from pretrain.export import main as export_main
-from pretrain.hf_convert import hf_config_kwargs, model_config_from_hf, to_hf_state_dict
+from pretrain.interop.consolidate import load_model
+from pretrain.interop.export import main as export_main
+from pretrain.interop.hf_convert import hf_config_kwargs, model_config_from_hf, to_hf_state_dict
 from pretrain.model import XLMR, ModelConfig, num_parameters
 from tests.data_prep.corpus import sample_docs
 from tests.pretrain.test_model import randomize
@@ -89,7 +89,7 @@ def trained(prepared_data, tmp_path_factory):
 
 # The reference: the trainer's own resume path (DeepSpeed's engine.load_checkpoint with the
 # world size that saved the tag), weights gathered from the live engine, logits of a plain
-# XLMR holding them. Nothing of pretrain.consolidate or zero_to_fp32 is involved.
+# XLMR holding them. Nothing of pretrain.interop.consolidate or zero_to_fp32 is involved.
 REFERENCE_DRIVER = """
 import sys
 from pathlib import Path
@@ -315,7 +315,7 @@ def save_then_die(*args, **kwargs):
     save_file(*args, **kwargs)
     os.kill(os.getpid(), signal.SIGKILL)
 safetensors.torch.save_file = save_then_die
-from pretrain.export import main
+from pretrain.interop.export import main
 main()
 """
 
@@ -338,7 +338,7 @@ def test_killed_export_leaves_no_out_dir(trained, tmp_path):
 # tokenizer conversion, torch's meta-device kernels: fixed costs).
 MEMORY_DRIVER = """
 import json, sys, threading
-from pretrain.export import main
+from pretrain.interop.export import main
 
 def rss_anon():
     with open("/proc/self/status") as f:

@@ -7,7 +7,7 @@ from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
 from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaEmbeddings
 
 import pretrain.model as model_module
-from pretrain.hf_convert import from_hf_state_dict, hf_config_kwargs, to_hf_state_dict
+from pretrain.interop.hf_convert import from_hf_state_dict, hf_config_kwargs, to_hf_state_dict
 from pretrain.model import IGNORE_INDEX, ModelConfig, XLMR, num_parameters, position_ids
 
 V, T, PAD, MASK = 97, 24, 1, 96

@@ -202,7 +202,7 @@ def test_continued_pretraining_starts_from_an_hf_model(prepared_data, tmp_path):
                        "deepspeed=zero0", "deepspeed.precision=fp32").stdout
     assert f"initialized from Hugging Face model {hf_dir}" in out and "(2 layers x 32," in out
     saved = torch.load(run / "checkpoints" / "step_00000001" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    from pretrain.hf_convert import from_hf_state_dict
+    from pretrain.interop.hf_convert import from_hf_state_dict
     expected = from_hf_state_dict(hf_state)
     assert sorted(saved) == sorted(expected)
     for key, value in expected.items():
@@ -229,7 +229,7 @@ def test_whole_word_masking_trains_and_evaluates_alike(prepared_data, tmp_path):
                  "data.valid_max_sequences_per_lang=4", "deepspeed.precision=fp32")
     assert sorted(records(run)) == [1, 2]
     valid = records(run, "valid/loss")[2]
-    proc = subprocess.run([sys.executable, "-m", "pretrain.evaluate", str(run), "--no-fill-mask"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "pretrain.evaluation.mlm", str(run), "--no-fill-mask"], capture_output=True,
                           text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((run / "eval" / "step_00000002.json").read_text())

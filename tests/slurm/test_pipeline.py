@@ -24,7 +24,7 @@ def test_xlmr_submit_runs_the_pipeline_through_sbatch(slurm, tmp_path):
     corpus = small_corpus(tmp_path / "corpus")
     data, run = tmp_path / "data", tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "pretrain.submit", f"input_dir={corpus}", f"output_dir={data}", f"run_dir={run}",
+        [sys.executable, "-m", "pretrain.cluster.submit", f"input_dir={corpus}", f"output_dir={data}", f"run_dir={run}",
          *[a for a in PREP_ARGS if a != "progress=false"], *TRAIN_ARGS,
          "slurm.ntasks_per_node=2", "slurm.cpus_per_task=1", "slurm.time=00:20:00",
          "slurm.prep.encode_tasks=2", "slurm.prep.cpus_per_task=1", "slurm.prep.time=00:10:00"],
@@ -64,7 +64,7 @@ def test_xlmr_submit_runs_the_pipeline_through_sbatch(slurm, tmp_path):
     assert (run / "slurm").is_dir() and (data / "logs" / "slurm").is_dir()
 
     # xlmr-status reads the finished run: the final checkpoint, step and loss the trainer logged.
-    st = subprocess.run([sys.executable, "-m", "pretrain.status", "--json", str(run)], capture_output=True,
+    st = subprocess.run([sys.executable, "-m", "pretrain.cluster.status", "--json", str(run)], capture_output=True,
                         text=True, timeout=60)
     assert st.returncode == 0, st.stderr
     st = json.loads(st.stdout)

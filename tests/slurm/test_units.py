@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from pretrain import slurm, status
-from pretrain.submit import SubmitConfig, SubmitError, route_overrides, sbatch_commands
+from pretrain.cluster import slurm, status
+from pretrain.cluster.submit import SubmitConfig, SubmitError, route_overrides, sbatch_commands
 from tests.conftest import REPO
 
 JOB_ENV = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[03-05,09]", "SLURM_NTASKS": "16",
@@ -82,7 +82,7 @@ def test_sbatch_commands_take_resources_from_config():
 
 def test_xlmr_submit_dry_run_and_typos():
     def submit(*args):
-        return subprocess.run([sys.executable, "-m", "pretrain.submit", *args], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "pretrain.cluster.submit", *args], capture_output=True, text=True,
                               cwd=REPO, timeout=120)
     ok = submit("dry_run=true", "output_dir=/d", "run_dir=/r", "slurm.gpus_per_node=0", "slurm.ntasks_per_node=2")
     assert ok.returncode == 0, ok.stderr

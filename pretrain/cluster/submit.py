@@ -28,7 +28,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CONF_DIR = str(REPO / "conf")
 SCRIPTS = REPO / "slurm"
 JOBS = ("vocab", "encode", "merge", "pretrain")

@@ -3,10 +3,10 @@ environment, the signal relay of the batch shell, and the requeue.
 
 `slurm/pretrain.sbatch` runs, in the batch shell,
 
-    python3 -m pretrain.slurm launch -- xlmr-pretrain OVERRIDES...
+    python3 -m pretrain.cluster.slurm launch -- xlmr-pretrain OVERRIDES...
 
 which sets MASTER_ADDR (the job's first node) and MASTER_PORT (from the job id), then runs
-`srun python3 -m pretrain.slurm task -- xlmr-pretrain ...`: one task per GPU, each of which
+`srun python3 -m pretrain.cluster.slurm task -- xlmr-pretrain ...`: one task per GPU, each of which
 exports RANK/WORLD_SIZE/LOCAL_RANK from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID (what torch
 and DeepSpeed read) and execs the trainer.
 
@@ -83,9 +83,9 @@ def requeue(env: Mapping[str, str]) -> bool:
     target = requeue_target(env)
     proc = subprocess.run(["scontrol", "requeue", target], capture_output=True, text=True)
     if proc.returncode != 0:
-        print(f"pretrain.slurm: scontrol requeue {target} failed: {proc.stderr.strip()}", file=sys.stderr, flush=True)
+        print(f"pretrain.cluster.slurm: scontrol requeue {target} failed: {proc.stderr.strip()}", file=sys.stderr, flush=True)
         return False
-    print(f"pretrain.slurm: requeued job {target}", flush=True)
+    print(f"pretrain.cluster.slurm: requeued job {target}", flush=True)
     return True
 
 
@@ -94,19 +94,19 @@ def launch(command: Sequence[str], env: Optional[dict] = None, srun: Sequence[st
     requeue when the trainer exits for preemption. Returns the exit code for the batch job."""
     env = dict(os.environ if env is None else env)
     env.update(master_env(env))
-    print(f"pretrain.slurm: job {env.get('SLURM_JOB_ID')} restart {env.get('SLURM_RESTART_COUNT', '0')}: "
+    print(f"pretrain.cluster.slurm: job {env.get('SLURM_JOB_ID')} restart {env.get('SLURM_RESTART_COUNT', '0')}: "
           f"{env.get('SLURM_NTASKS', '?')} tasks on {env.get('SLURM_JOB_NODELIST', '?')}, "
           f"master {env['MASTER_ADDR']}:{env['MASTER_PORT']}", flush=True)
     # --wait: a task that ends (crashed, or done) takes the others down after 60 s, instead of
     # leaving them blocked in a collective; not --kill-on-bad-exit, which would kill rank 0
     # while it closes W&B when another rank already exited with EXIT_PREEMPTED.
-    argv = [*srun, "--kill-on-bad-exit=0", "--wait=60", sys.executable, "-m", "pretrain.slurm", "task", "--", *command]
+    argv = [*srun, "--kill-on-bad-exit=0", "--wait=60", sys.executable, "-m", "pretrain.cluster.slurm", "task", "--", *command]
     received: list[int] = []
     procs: list[subprocess.Popen] = []
 
     def relay(signum, frame):
         received.append(signum)
-        print(f"pretrain.slurm: got {signal.Signals(signum).name}, passing it on to the tasks", flush=True)
+        print(f"pretrain.cluster.slurm: got {signal.Signals(signum).name}, passing it on to the tasks", flush=True)
         for proc in procs:
             try:
                 proc.send_signal(signum)  # srun forwards it to every task of the step
@@ -126,7 +126,7 @@ def launch(command: Sequence[str], env: Optional[dict] = None, srun: Sequence[st
         except InterruptedError:  # pragma: no cover (PEP 475 retries)
             continue
     if rc == EXIT_PREEMPTED:
-        print("pretrain.slurm: the trainer checkpointed and stopped for preemption", flush=True)
+        print("pretrain.cluster.slurm: the trainer checkpointed and stopped for preemption", flush=True)
         if signal.SIGTERM in received and signal.SIGUSR1 not in received:
             return 0  # killed by SLURM (scancel, preemption, requeue): SLURM decides what follows
         return 0 if requeue(env) else 1
@@ -140,7 +140,7 @@ def exec_task(command: Sequence[str]) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.slurm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pretrain.cluster.slurm", description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=["launch", "task", "env"],
                         help="launch: in the batch shell; task: in each srun task; env: print the task's variables")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")

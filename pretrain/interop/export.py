@@ -25,8 +25,8 @@ import torch
 
 from pretrain.checkpoint import VOCAB_FILE
 from pretrain.config import PretrainError
-from pretrain.consolidate import PROVENANCE, load_model, resolve_tag
-from pretrain.hf_convert import hf_config_kwargs, to_hf_state_dict
+from pretrain.interop.consolidate import PROVENANCE, load_model, resolve_tag
+from pretrain.interop.hf_convert import hf_config_kwargs, to_hf_state_dict
 from pretrain.model import num_parameters
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -42,7 +42,7 @@ import torch
 from data_prep.state import sha256_file
 from pretrain.checkpoint import CHECKPOINTS, MARKER, PARTIAL, VOCAB_FILE, complete_checkpoints, read_meta, tag_for
 from pretrain.config import PretrainError
-from pretrain.hf_convert import from_hf_state_dict, model_config_from_hf
+from pretrain.interop.hf_convert import from_hf_state_dict, model_config_from_hf
 from pretrain.model import XLMR, ModelConfig
 
 HF_CONFIG = "config.json"

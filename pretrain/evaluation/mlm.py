@@ -36,7 +36,7 @@ from data_prep.atomic import write_json
 from data_prep.dictionary import BOS, EOS, Dictionary
 from data_prep.state import sha256_file
 from pretrain.config import PretrainError
-from pretrain.consolidate import LoadedModel, load_model
+from pretrain.interop.consolidate import LoadedModel, load_model
 from pretrain.data import DataConfig, ShardError, build_valid_loaders, load_manifest
 from pretrain.masking import MaskingConfig, keyed_generator, load_word_starts, mask_batch
 from pretrain.model import IGNORE_INDEX, XLMR, MLMOutput

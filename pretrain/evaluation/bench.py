@@ -42,7 +42,7 @@ from data_prep.atomic import write_json
 from pretrain.cli import CONF_DIR
 from pretrain.config import PretrainConfig, PretrainError, check_config, register_configs
 from pretrain.data import build_train_loader, load_manifest
-from pretrain.hf_convert import hf_config_kwargs
+from pretrain.interop.hf_convert import hf_config_kwargs
 from pretrain.masking import mask_batch, masking_generator
 from pretrain.metrics import METRICS_FILE, read_metrics
 
