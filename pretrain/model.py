@@ -153,8 +153,11 @@ class XLMR(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, T] token ids -> [B, T, H] final hidden states (HF's sequence output).
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               num_layers: int | None = None) -> torch.Tensor:
+        """[B, T] token ids -> [B, T, H] final hidden states (HF's sequence output), or those
+        after the first `num_layers` blocks (0: the embeddings; the cross-lingual probes read
+        a middle layer).
 
         attention_mask (1 = real token) defaults to `input_ids != pad_id`.
         """
@@ -169,7 +172,7 @@ class XLMR(nn.Module):
         # pick the flash kernel on GPU. The check costs one host sync per forward.
         attn_mask = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
 
-        for block in self.blocks:
+        for block in self.blocks[:num_layers]:
             if self.cfg.activation_checkpointing and self.training:
                 x = checkpoint(block, x, attn_mask, use_reentrant=False)
             else:
