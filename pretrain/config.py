@@ -60,9 +60,21 @@ class TrainerConfig:
     keep_last: int = 2  # checkpoints kept on disk, the newest ones
     eval_every: int = 0  # steps between per-language validation passes; 0: only at the end
     eval_at_end: bool = True
+    probe_every: int = 0  # steps between cross-lingual probes (also at max_steps); 0: never
     max_nonfinite_steps: int = 5  # stop after this many NaN/inf losses in a row (each is skipped)
     peak_flops: float = 989e12  # per device, for MFU (H100 SXM, dense bf16); ignored on CPU
     compile: bool = False  # torch.compile the model (DeepSpeed's engine.compile()): faster steps after a warm-up
+
+
+@dataclass
+class ProbeConfig:
+    """The cross-lingual probes (pretrain/evaluation/probes.py), run every trainer.probe_every steps."""
+
+    retrieval_dir: Optional[str] = None  # LANG.tsv files of (English, translation) pairs; None: the bundled set
+    transfer_dir: Optional[str] = None  # train.tsv + test.tsv of (text, label, language); None: the bundled set
+    layer: Optional[int] = None  # hidden states after this many blocks (0: the embeddings); None: num_layers // 2
+    max_tokens: int = 128  # a sentence's tokens beyond this are cut (<s> and </s> included)
+    batch_size: int = 64  # sentences per forward
 
 
 @dataclass
@@ -88,6 +100,7 @@ class PretrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -109,6 +122,8 @@ def check_config(cfg: PretrainConfig) -> None:
         problems.append(f"optim.schedule={opt.schedule}: must be linear or polynomial")
     if len(opt.betas) != 2:
         problems.append(f"optim.betas={list(opt.betas)}: must be two numbers")
+    if tr.probe_every < 0:
+        problems.append(f"trainer.probe_every={tr.probe_every}: must be >= 0 (0: no probes)")
     if tr.max_steps < 1 or tr.save_every < 1 or tr.log_every < 1 or tr.keep_last < 1:
         problems.append("trainer.max_steps, save_every, log_every and keep_last must be >= 1")
     if cfg.resume == "":

@@ -26,6 +26,7 @@ from pretrain.distributed import (
     all_reduce_sum, broadcast_object, build_engine, init_distributed, resolve_precision, shutdown_distributed,
 )
 from pretrain.evaluation.mlm import evaluate_mlm, summarize
+from pretrain.evaluation.probes import Probes, metrics_record, progress_line
 from pretrain.masking import load_word_starts, mask_batch, masking_generator
 from pretrain.metrics import MetricsLogger, flops_per_token, wandb_run_id
 from pretrain.model import IGNORE_INDEX, XLMR, ModelConfig, num_parameters
@@ -117,6 +118,8 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
 
     # ---- the loop --------------------------------------------------------------------------
     word_start = load_word_starts(Path(cfg.data_dir) / manifest["vocab"]["spm_model"]) if cfg.masking.whole_word else None
+    probes = Probes(cfg.probe, Path(cfg.data_dir) / manifest["vocab"]["spm_model"], model_cfg.num_layers,
+                    say) if tr.probe_every else None  # cross-lingual probes: evaluation/probes.py
     interval = _Interval(len(langs))
     nonfinite_in_row = 0
     preempted = False
@@ -174,6 +177,12 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
                     record = _evaluate(engine, valid_loaders, cfg, V, word_start, device)
                 logger.log(step, record)
                 say(f"step {step:>6} | valid loss {record['valid/loss']:.4f} | valid acc {record['valid/accuracy']:.3f}")
+
+        if probes and (step % tr.probe_every == 0 or step == tr.max_steps):
+            with _rng_untouched(device):  # the probes draw no random numbers; this keeps it so
+                record = metrics_record(probes.run(engine.module, device, rank, world, all_reduce_sum))
+            logger.log(step, record)
+            say(progress_line(step, record))
 
         preempted = preemption.stop_requested(device) and step < stop_at  # collective: all ranks agree
         if step % tr.save_every == 0 or step == stop_at or preempted:
