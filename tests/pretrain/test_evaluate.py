@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from pretrain.interop.consolidate import load_model
 from pretrain.data import DataConfig, build_valid_loaders, load_manifest
-from pretrain.evaluation.mlm import DEMO_SENTENCES, SUMS, evaluate_mlm, main, validation_generator
+from pretrain.evaluation.cli import main
+from pretrain.evaluation.mlm import DEMO_SENTENCES, SUMS, evaluate_mlm, validation_generator
 from pretrain.interop.hf_convert import hf_config_kwargs, to_hf_state_dict
 from pretrain.masking import MaskingConfig, mask_batch
 from pretrain.model import IGNORE_INDEX
