@@ -1,5 +1,6 @@
 """metrics.jsonl -> PNG plots: loss (with validation loss), per-language loss, learning
-rate, throughput. Used by `xlmr-plot RUN_DIR`."""
+rate, throughput, and where the run probed (trainer.probe_every) the cross-lingual probes:
+retrieval and zero-shot transfer per language. Used by `xlmr-plot RUN_DIR`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,8 +25,20 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _per_language(ax, records: list[dict], prefix: str, summary: dict[str, str]) -> None:
+    """One thin line per language of `prefix/<lang>`, and the `summary` keys (key -> label) bold."""
+    langs = sorted({k.split("/", 1)[1] for r in records for k in r if k.startswith(prefix + "/")})
+    for lang in langs:
+        ax.plot(*_series(records, f"{prefix}/{lang}"), label=lang, linewidth=0.8, alpha=0.7)
+    for key, label in summary.items():
+        ax.plot(*_series(records, key), "k-o", label=label, linewidth=2.2, markersize=3)
+    ax.grid(alpha=0.3)
+    ax.legend(ncol=3, fontsize=6)
+
+
 def plot_metrics(metrics_path: Path, out_dir: Path) -> list[Path]:
-    """Write loss.png, lang_loss.png, lr.png and throughput.png; returns their paths."""
+    """Write loss.png, lang_loss.png, lr.png and throughput.png, and retrieval.png and
+    transfer.png where the run probed; returns their paths."""
     records = read_metrics(metrics_path)
     if not any(r.get("loss") is not None for r in records):
         raise ValueError(f"{metrics_path} has no loss records yet")
@@ -68,4 +81,19 @@ def plot_metrics(metrics_path: Path, out_dir: Path) -> list[Path]:
         ax2.plot(steps, [100 * m for m in mfu], color="tab:orange", label="MFU %")
         ax2.set_ylabel("MFU %")
     paths.append(_save(fig, out_dir / "throughput.png"))
+
+    if any("retrieval/mean" in r for r in records):
+        fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+        for ax, direction, title in zip(axes, ("to_en", "from_en"), ("xx -> en", "en -> xx")):
+            _per_language(ax, records, f"retrieval_{direction}", {f"retrieval/{direction}": "macro"})
+            ax.set(xlabel="step", ylabel="accuracy", title=f"parallel-sentence retrieval, {title}")
+        paths.append(_save(fig, out_dir / "retrieval.png"))
+
+        fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+        _per_language(axes[0], records, "transfer_acc", {"transfer/accuracy": "macro (not en)"})
+        axes[0].set(xlabel="step", ylabel="accuracy", title="zero-shot transfer accuracy (en thick red)")
+        axes[0].plot(*_series(records, "transfer_acc/en"), color="tab:red", linewidth=2.5)
+        _per_language(axes[1], records, "transfer_gap", {"transfer/gap": "macro"})
+        axes[1].set(xlabel="step", ylabel="English accuracy - the language's", title="transfer gap")
+        paths.append(_save(fig, out_dir / "transfer.png"))
     return paths
