@@ -167,13 +167,15 @@ def embed(encode: Encode, token_ids: list[list[int]], hidden_size: int, *, batch
 # ---- the two probes ----------------------------------------------------------------------
 
 
-def retrieval_accuracy(queries: torch.Tensor, candidates: torch.Tensor, query_texts: list[str],
-                       candidate_texts: list[str]) -> float:
-    """Share of queries i whose nearest candidate by cosine is candidate i (or a candidate of
-    the same text: a duplicated sentence is no miss). Ties go to the lower index."""
-    sims = F.normalize(queries.double(), dim=1) @ F.normalize(candidates.double(), dim=1).T
-    nearest = sims.argmax(dim=1).tolist()
-    return sum(candidate_texts[j] == candidate_texts[i] for i, j in enumerate(nearest)) / len(query_texts)
+def retrieval_accuracies(xx: torch.Tensor, en: torch.Tensor, xx_texts: list[str],
+                         en_texts: list[str]) -> tuple[float, float]:
+    """(xx->en, en->xx): the share of sentences whose nearest neighbour by cosine on the other
+    side is their own translation (or a sentence of the same text: a duplicate is no miss).
+    Ties go to the lower index. One similarity matrix serves both directions."""
+    sims = F.normalize(xx.double(), dim=1) @ F.normalize(en.double(), dim=1).T
+    to_en, from_en = sims.argmax(dim=1).tolist(), sims.argmax(dim=0).tolist()
+    return (sum(en_texts[j] == en_texts[i] for i, j in enumerate(to_en)) / len(en_texts),
+            sum(xx_texts[j] == xx_texts[i] for i, j in enumerate(from_en)) / len(xx_texts))
 
 
 def fit_logistic_regression(features: torch.Tensor, targets: torch.Tensor, num_classes: int,
@@ -182,8 +184,8 @@ def fit_logistic_regression(features: torch.Tensor, targets: torch.Tensor, num_c
     c * sum of cross-entropies + |W|^2 / 2 (bias not penalized), minimized by L-BFGS from zero in
     float64. Deterministic: no random initialization, no shuffling."""
     x = features.double()
-    w = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    w = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, device=x.device, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, device=x.device, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
                             history_size=20, line_search_fn="strong_wolfe")
 
@@ -205,8 +207,8 @@ def transfer_probe(train: torch.Tensor, train_labels: list[str], test: dict[str,
     test labels are read after its predictions, to score them."""
     index = {label: i for i, label in enumerate(labels)}
     mean, std = train.double().mean(dim=0), train.double().std(dim=0).clamp(min=1e-8)
-    w, b = fit_logistic_regression((train.double() - mean) / std, torch.tensor([index[y] for y in train_labels]),
-                                   len(labels))
+    targets = torch.tensor([index[y] for y in train_labels], device=train.device)
+    w, b = fit_logistic_regression((train.double() - mean) / std, targets, len(labels))
     rows = {}
     for lang, (emb, gold) in test.items():
         predicted = (((emb.double() - mean) / std) @ w + b).argmax(dim=1).tolist()
@@ -246,8 +248,8 @@ class Probes:
         self.token_ids = tokenize(Dictionary(spm_model), self.sentences, cfg.max_tokens)
         self.tokens = sum(len(t) for t in self.token_ids)
         say(f"probes: retrieval {len(self.pairs)} languages ({self.retrieval_dir}), transfer "
-                f"{len(self.task.test)} languages, {len(self.task.labels)} labels ({self.transfer_dir}); "
-                f"{len(self.sentences):,} sentences, {self.tokens:,} tokens, layer {self.layer}")
+            f"{len(self.task.test)} languages, {len(self.task.labels)} labels ({self.transfer_dir}); "
+            f"{len(self.sentences):,} sentences, {self.tokens:,} tokens, layer {self.layer}")
 
     def run(self, model, device: torch.device, rank: int = 0, world_size: int = 1,
             all_reduce: Optional[AllReduce] = None) -> dict:
@@ -259,18 +261,17 @@ class Probes:
         try:
             emb = embed(lambda ids, mask: model.encode(ids, mask, num_layers=self.layer), self.token_ids,
                         model.cfg.hidden_size, batch_size=self.cfg.batch_size, device=device, rank=rank,
-                        world_size=world_size, all_reduce=all_reduce).cpu()
+                        world_size=world_size, all_reduce=all_reduce)
         finally:
             model.train(was_training)
 
-        def rows(texts):
-            return emb[torch.tensor([self.row[t] for t in texts])]
+        def rows(texts):  # scored where the embeddings are: on the GPU in a GPU run
+            return emb[torch.tensor([self.row[t] for t in texts], device=emb.device)]
 
         retrieval = {}
         for lang, (en, xx) in self.pairs.items():
-            retrieval[lang] = {"pairs": len(en),
-                               "to_en": retrieval_accuracy(rows(xx), rows(en), xx, en),
-                               "from_en": retrieval_accuracy(rows(en), rows(xx), en, xx)}
+            to_en, from_en = retrieval_accuracies(rows(xx), rows(en), xx, en)
+            retrieval[lang] = {"pairs": len(en), "to_en": to_en, "from_en": from_en}
         task = self.task
         transfer = transfer_probe(rows(task.train_texts), task.train_labels,
                                   {lang: (rows(ts), ls) for lang, (ts, ls) in task.test.items()}, task.labels)

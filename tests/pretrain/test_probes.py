@@ -20,7 +20,7 @@ import torch
 
 from pretrain.config import PretrainError, ProbeConfig
 from pretrain.evaluation.probes import (
-    BUNDLED, Probes, embed, read_retrieval, read_transfer, retrieval_accuracy, tokenize, transfer_probe,
+    BUNDLED, Probes, embed, read_retrieval, read_transfer, retrieval_accuracies, tokenize, transfer_probe,
 )
 from pretrain.model import XLMR, ModelConfig
 from tests.pretrain.test_train import REPO, pretrain_run, records
@@ -85,8 +85,7 @@ def test_retrieval_accuracy_matches_numpy_on_fixed_embeddings():
     for a, b in ((3, 150), (10, 190)):
         en[b], xx[b] = en[a], xx[a]
         en_texts[b], xx_texts[b] = en_texts[a], xx_texts[a]
-    to_en = retrieval_accuracy(torch.tensor(xx), torch.tensor(en), xx_texts, en_texts)
-    from_en = retrieval_accuracy(torch.tensor(en), torch.tensor(xx), en_texts, xx_texts)
+    to_en, from_en = retrieval_accuracies(torch.tensor(xx), torch.tensor(en), xx_texts, en_texts)
     assert to_en == pytest.approx(numpy_retrieval(xx, en, en_texts), abs=1e-12)
     assert from_en == pytest.approx(numpy_retrieval(en, xx, xx_texts), abs=1e-12)
     assert 0.2 < to_en < 0.95 and 0.2 < from_en < 0.95  # the case is neither trivial nor hopeless
