@@ -113,7 +113,7 @@ def _words(text: str) -> set[str]:
     return {w for w in re.findall(r"\w+", text.lower()) if len(w) >= 3}
 
 
-def entries(locale_root: Path, locale: str, skipped: collections.Counter) -> Iterator[tuple[str, str, str, str]]:
+def entries(locale_root: Path, locale: str, skipped: collections.Counter) -> Iterator[tuple[str, str, str]]:
     """(catalog, msgid, msgstr) of a locale's catalogs, in catalog-name order; plural forms
     (tuple keys), context entries (msgctxt\\x04msgid) and the header are left out."""
     for path in sorted((locale_root / locale / "LC_MESSAGES").glob("*.mo")):

@@ -317,3 +317,78 @@ def test_probes_under_zero3_match_xlmr_eval(prepared_data, tmp_path):
     for lang, row in result["retrieval"]["languages"].items():
         assert row["to_en"] == pytest.approx(trainer[f"retrieval_to_en/{lang}"], abs=0.003), lang
     assert result["transfer"]["en"] == pytest.approx(trainer["transfer/en"], abs=0.01)
+
+
+# ---- the build script of the bundled set -------------------------------------------------
+
+
+def write_mo(path: Path, messages: dict[str, str]) -> None:
+    """A GNU .mo catalog (the format of gettext's msgfmt: magic, two tables of (length,
+    offset), NUL-terminated strings), UTF-8, with the header entry."""
+    import struct
+
+    entries = {"": "Content-Type: text/plain; charset=UTF-8\n", **messages}
+    keys = sorted(entries)
+    ids, strs = (b"".join(s.encode() + b"\0" for s in seq) for seq in (keys, [entries[k] for k in keys]))
+    n = len(keys)
+    ids_start = 28 + 16 * n
+    strs_start = ids_start + len(ids)
+    table, offset = [], 0
+    for k in keys:
+        table.append((len(k.encode()), ids_start + offset))
+        offset += len(k.encode()) + 1
+    tr_table, offset = [], 0
+    for k in keys:
+        tr_table.append((len(entries[k].encode()), strs_start + offset))
+        offset += len(entries[k].encode()) + 1
+    head = struct.pack("<7I", 0x950412DE, 0, n, 28, 28 + 8 * n, 0, 0)
+    body = b"".join(struct.pack("<2I", *t) for t in table + tr_table)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(head + body + ids + strs)
+
+
+def test_build_script_filters_junk_decontaminates_and_keeps_train_english(tmp_path):
+    from pretrain.evaluation.build_probe_set import build
+
+    good = {f"Unable to reach server number {en} today": f"Palvelinta numero {fi} ei tavoitettu tänään"
+            for en, fi in (("one", "yksi"), ("two", "kaksi"), ("three", "kolme"))}
+    junk = {
+        "Cannot open %s for reading": "Tiedostoa %s ei voi avata",  # a format string
+        "Open File": "Avaa tiedosto",  # too short
+        "Use the --force option here now": "Käytä valitsinta --force nyt",  # an option
+        "Identical message stays English here": "Identical message stays English here",
+        "menu\x04Quit the application right now": "Lopeta sovellus heti nyt",  # a context entry
+        "Save the document before closing it": "Tallenna dokumentti ennen sulkemista",  # in the corpus
+    }
+    locale = tmp_path / "locale"
+    # Finnish is "fi"; Norwegian Bokmål's "nb" is the sample's "no"; "nn" is not read.
+    write_mo(locale / "fi" / "LC_MESSAGES" / "git.mo", {**good, **junk})
+    write_mo(locale / "fi" / "LC_MESSAGES" / "apt.mo", {
+        "Fetching the package lists from all sources": "Haetaan pakettiluettelot kaikista lähteistä",
+        "Removing the obsolete packages from disk": "Poistetaan vanhentuneet paketit levyltä"})
+    write_mo(locale / "nb" / "LC_MESSAGES" / "git.mo", {"Unable to reach server number one today": "Kan ikke nå tjener nummer én i dag"})
+    write_mo(locale / "nn" / "LC_MESSAGES" / "git.mo", {"Unable to reach server number two today": "Kan ikkje nå tenar nummer to i dag"})
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    with lzma.open(corpus / "fi.txt.xz", "wt", encoding="utf-8") as f:
+        f.write("Ohjeet: Tallenna dokumentti ennen sulkemista. Muuta tekstiä.\n")
+    out = tmp_path / "out"
+    manifest = build(locale, out, [corpus], per_language=10, train_per_label=1, test_per_label=1)
+
+    left_out = manifest["left_out"]["fi"]
+    assert left_out["format or machine text"] == 2 and left_out["too short"] == 1
+    assert left_out["identical to English"] == 1 and left_out["context entry"] == 1
+    assert left_out["seen in corpus"] == 1
+    assert manifest["clean_pairs"]["fi"] == 5 and manifest["clean_pairs"]["no"] == 1
+    task = read_transfer(out / "transfer")
+    # Per label the best-translated message is test (git's "number one": fi and no), one other train.
+    assert sorted(task.train_labels) == ["packages", "version-control"]
+    assert {lang: len(texts) for lang, (texts, _) in task.test.items()} == {"en": 2, "fi": 2, "no": 1}
+    assert "Unable to reach server number one today" in task.test["en"][0]
+    assert task.test["no"] == (["Kan ikke nå tjener nummer én i dag"], ["version-control"])
+    train, test = set(task.train_texts), set(task.test["en"][0])
+    assert not train & test
+    # Retrieval keeps what the transfer task did not take: one fi pair; no's one message is a test message.
+    pairs = read_retrieval(out / "retrieval")
+    assert list(pairs) == ["fi"] and len(pairs["fi"][0]) == 1
+    assert pairs["fi"][0][0] not in train | test

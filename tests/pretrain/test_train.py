@@ -229,7 +229,7 @@ def test_whole_word_masking_trains_and_evaluates_alike(prepared_data, tmp_path):
                  "data.valid_max_sequences_per_lang=4", "deepspeed.precision=fp32")
     assert sorted(records(run)) == [1, 2]
     valid = records(run, "valid/loss")[2]
-    proc = subprocess.run([sys.executable, "-m", "pretrain.evaluation.cli", str(run), "--no-fill-mask"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "pretrain.evaluation.cli", str(run), "--no-fill-mask", "--no-probes"], capture_output=True,
                           text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((run / "eval" / "step_00000002.json").read_text())
