@@ -300,7 +300,7 @@ def summarize(retrieval: dict, transfer: dict, layer: int, seconds: float) -> di
 
 
 def metrics_record(result: dict) -> dict:
-    """The flat keys of metrics.jsonl and W&B (README "Metrics")."""
+    """The flat keys of metrics.jsonl and W&B (README "Metrics"); none without a value."""
     r, t = result["retrieval"], result["transfer"]
     record = {"retrieval/to_en": r["macro"]["to_en"], "retrieval/from_en": r["macro"]["from_en"],
               "retrieval/mean": r["macro"]["mean"], "transfer/en": t["en"],
@@ -311,15 +311,15 @@ def metrics_record(result: dict) -> dict:
         record[f"retrieval_from_en/{lang}"] = row["from_en"]
     for lang, row in t["languages"].items():
         record[f"transfer_acc/{lang}"] = row["accuracy"]
-        if row["gap"] is not None:
-            record[f"transfer_gap/{lang}"] = row["gap"]
-    return record
+        record[f"transfer_gap/{lang}"] = row["gap"]  # None for English: dropped below
+    return {key: value for key, value in record.items() if value is not None}
 
 
 def progress_line(step: int, record: dict) -> str:
-    return (f"step {step:>6} | retrieval {record['retrieval/mean']:.3f} | transfer en {record['transfer/en']:.3f} "
-            f"others {record['transfer/accuracy']:.3f} (gap {record['transfer/gap']:+.3f}) | "
-            f"probes {record['probe/seconds']:.1f} s")
+    line = f"step {step:>6} | retrieval {record['retrieval/mean']:.3f} | transfer en {record['transfer/en']:.3f}"
+    if "transfer/accuracy" in record:  # absent when the test set is English only
+        line += f" others {record['transfer/accuracy']:.3f} (gap {record['transfer/gap']:+.3f})"
+    return line + f" | probes {record['probe/seconds']:.1f} s"
 
 
 def format_tables(result: dict) -> str:
