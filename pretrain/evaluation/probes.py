@@ -62,17 +62,20 @@ def read_tsv(path: Path, columns: tuple[str, ...]) -> list[tuple[str, ...]]:
     """The rows of a TSV with exactly these columns, no header; a malformed line is an error
     naming the file and line (a probe computed on a silently shortened set would mislead)."""
     rows = []
-    with _open_text(path) as f:
-        for number, line in enumerate(f, 1):
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                continue
-            fields = line.split("\t")
-            if len(fields) != len(columns) or not all(x.strip() for x in fields):
-                found = f"{len(fields)}" + (", one empty" if len(fields) == len(columns) else "")
-                raise PretrainError(f"{path} line {number}: expected {len(columns)} non-empty tab-separated "
-                                    f"fields ({', '.join(columns)}), found {found}")
-            rows.append(tuple(x.strip() for x in fields))
+    try:
+        with _open_text(path) as f:
+            for number, line in enumerate(f, 1):
+                line = line.rstrip("\n").rstrip("\r")
+                if not line.strip():
+                    continue
+                fields = line.split("\t")
+                if len(fields) != len(columns) or not all(x.strip() for x in fields):
+                    found = f"{len(fields)}" + (", one empty" if len(fields) == len(columns) else "")
+                    raise PretrainError(f"{path} line {number}: expected {len(columns)} non-empty tab-separated "
+                                        f"fields ({', '.join(columns)}), found {found}")
+                rows.append(tuple(x.strip() for x in fields))
+    except (UnicodeDecodeError, lzma.LZMAError, OSError) as exc:  # OSError: gzip's BadGzipFile too
+        raise PretrainError(f"{path}: not readable as UTF-8 text ({exc})") from None
     return rows
 
 

@@ -231,6 +231,10 @@ def test_bad_probe_files_fail_with_a_clear_message(spm_model, tmp_path):
         read_retrieval(tmp_path / "e")
     with pytest.raises(PretrainError, match="does not exist"):
         read_retrieval(tmp_path / "missing")
+    (tmp_path / "latin1").mkdir()
+    (tmp_path / "latin1" / "de.tsv").write_bytes("Open the file\tDatei \xf6ffnen\n".encode("latin-1"))
+    with pytest.raises(PretrainError, match="de.tsv: not readable as UTF-8 text"):
+        read_retrieval(tmp_path / "latin1")
     write_tsv(tmp_path / "t" / "train.tsv", [("Open the file", "desktop", "en"), ("Remove it", "packages", "en")])
     with pytest.raises(PretrainError, match="no test.tsv"):
         read_transfer(tmp_path / "t")
