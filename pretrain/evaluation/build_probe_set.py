@@ -132,16 +132,18 @@ def entries(locale_root: Path, locale: str, skipped: collections.Counter) -> Ite
                 yield path.stem, msgid, msgstr
 
 
-def collect(locale_root: Path) -> tuple[dict, dict, dict]:
-    """Per language {English: (translation, catalog)} of the clean entries, the counts of what
-    was left out, and the catalogs read per language."""
+def collect(locale_root: Path) -> tuple[dict, dict, dict, dict]:
+    """Per language {English: translation} of the clean entries, the counts of what was left
+    out and the catalogs read; and {English: every catalog that holds it, in any language}."""
     pairs, report, catalogs = {}, {}, {}
+    sources: dict[str, set[str]] = collections.defaultdict(set)
     for lang, locales in LOCALES.items():
         skipped = collections.Counter()
-        found: dict[str, tuple[str, str]] = {}
+        found: dict[str, str] = {}
         used = set()
         for locale in locales:
             for catalog, msgid, msgstr in entries(locale_root, locale, skipped):
+                sources[clean(msgid)].add(catalog)
                 reason = junk_reason(msgid, msgstr, lang)
                 if reason:
                     skipped[reason] += 1
@@ -150,15 +152,15 @@ def collect(locale_root: Path) -> tuple[dict, dict, dict]:
                 if en in found:
                     skipped["English seen in another catalog"] += 1
                     continue
-                found[en] = (clean(msgstr), catalog)
+                found[en] = clean(msgstr)
                 used.add(f"{locale}/{catalog}")
         # Two English messages with one translation would make retrieval ambiguous.
-        by_translation = collections.Counter(xx for xx, _ in found.values())
-        for en in [en for en, (xx, _) in found.items() if by_translation[xx] > 1]:
+        by_translation = collections.Counter(found.values())
+        for en in [en for en, xx in found.items() if by_translation[xx] > 1]:
             del found[en]
             skipped["translation shared by several messages"] += 1
         pairs[lang], report[lang], catalogs[lang] = found, skipped, sorted(used)
-    return pairs, report, catalogs
+    return pairs, report, catalogs, sources
 
 
 def order_key(text: str) -> str:
@@ -199,8 +201,8 @@ def decontaminate(pairs: dict, corpora: list[Path], report: dict) -> None:
         english = sorted({en for found in pairs.values() for en in found})
         seen_en = seen_in(english, corpus / "en.txt.xz")
         for lang, found in pairs.items():
-            seen_xx = seen_in(sorted(xx for xx, _ in found.values()), corpus / f"{lang}.txt.xz")
-            for en in [en for en, (xx, _) in found.items() if en in seen_en or xx in seen_xx]:
+            seen_xx = seen_in(sorted(found.values()), corpus / f"{lang}.txt.xz")
+            for en in [en for en, xx in found.items() if en in seen_en or xx in seen_xx]:
                 del found[en]
                 report[lang][f"seen in {corpus.name}"] += 1
 
@@ -216,22 +218,20 @@ def retrieval_pairs(pairs: dict, per_language: int, exclude: set[str]) -> dict[s
     out = {}
     for lang, found in pairs.items():
         chosen = [en for en in rank if en in found and en not in exclude][:per_language]
-        out[lang] = [(en, found[en][0]) for en in sorted(chosen, key=order_key)]
+        out[lang] = [(en, found[en]) for en in sorted(chosen, key=order_key)]
     return out
 
 
-def transfer_task(pairs: dict, train_per_label: int, test_per_label: int) -> tuple[list, list, set[str]]:
+def transfer_task(pairs: dict, sources: dict, train_per_label: int, test_per_label: int) -> tuple[list, list, set[str]]:
     """English training messages and multilingual test messages, labelled by domain.
 
-    A message belongs to one domain only where every language took it from catalogs of that
-    domain; messages are split by their skeleton (lowercase letters only) so that no test
+    A message is labelled only where every catalog that holds it (in any language) is of one
+    domain ("Invalid argument" in git and GnuPG is neither's); messages are split by their skeleton (lowercase letters only) so that no test
     message is a variant of a training one ("Cannot open file." / "cannot open file"). Test
     messages are those translated into the most languages; training messages are English only.
     """
-    domain_of: dict[str, set[str]] = collections.defaultdict(set)
-    for found in pairs.values():
-        for en, (_, catalog) in found.items():
-            domain_of[en].add(CATALOG_DOMAIN.get(catalog, ""))
+    domain_of = {en: {CATALOG_DOMAIN.get(catalog, "") for catalog in sources[en]}
+                 for found in pairs.values() for en in found}
     labelled = {en: d.pop() for en, d in domain_of.items() if len(d) == 1 and "" not in d}
     coverage = collections.Counter(en for found in pairs.values() for en in found if en in labelled)
     train, test = [], []
@@ -248,7 +248,7 @@ def transfer_task(pairs: dict, train_per_label: int, test_per_label: int) -> tup
         train += [(en, label) for s in train_skeletons for en in skeletons[s][:1]]
     test_rows = [(en, label, "en") for en, label in test]
     for lang, found in pairs.items():
-        test_rows += [(found[en][0], label, lang) for en, label in test if en in found]
+        test_rows += [(found[en], label, lang) for en, label in test if en in found]
     return [(en, label, "en") for en, label in train], test_rows, {en for en, _ in train + test}
 
 
@@ -267,9 +267,9 @@ def write_tsv(path: Path, rows: list[tuple]) -> None:
 
 def build(locale_root: Path, out: Path, corpora: list[Path], per_language: int, train_per_label: int,
           test_per_label: int) -> dict:
-    pairs, report, catalogs = collect(locale_root)
+    pairs, report, catalogs, sources = collect(locale_root)
     decontaminate(pairs, corpora, report)
-    train, test, transfer_messages = transfer_task(pairs, train_per_label, test_per_label)
+    train, test, transfer_messages = transfer_task(pairs, sources, train_per_label, test_per_label)
     # The transfer task's messages stay out of retrieval: one probe's data is not the other's.
     retrieval = retrieval_pairs(pairs, per_language, transfer_messages)
     for lang, rows in retrieval.items():

@@ -369,7 +369,11 @@ def test_build_script_filters_junk_decontaminates_and_keeps_train_english(tmp_pa
     write_mo(locale / "fi" / "LC_MESSAGES" / "git.mo", {**good, **junk})
     write_mo(locale / "fi" / "LC_MESSAGES" / "apt.mo", {
         "Fetching the package lists from all sources": "Haetaan pakettiluettelot kaikista lähteistä",
-        "Removing the obsolete packages from disk": "Poistetaan vanhentuneet paketit levyltä"})
+        "Removing the obsolete packages from disk": "Poistetaan vanhentuneet paketit levyltä",
+        "Skipping the unreadable entries for now": "Ohitetaan lukukelvottomat kohdat toistaiseksi"})
+    # The same English in a catalog of another domain: no label, a retrieval pair only.
+    write_mo(locale / "fi" / "LC_MESSAGES" / "gnupg2.mo", {
+        "Skipping the unreadable entries for now": "Lukukelvottomat kohdat ohitetaan nyt"})
     write_mo(locale / "nb" / "LC_MESSAGES" / "git.mo", {"Unable to reach server number one today": "Kan ikke nå tjener nummer én i dag"})
     write_mo(locale / "nn" / "LC_MESSAGES" / "git.mo", {"Unable to reach server number two today": "Kan ikkje nå tenar nummer to i dag"})
     corpus = tmp_path / "corpus"
@@ -377,22 +381,23 @@ def test_build_script_filters_junk_decontaminates_and_keeps_train_english(tmp_pa
     with lzma.open(corpus / "fi.txt.xz", "wt", encoding="utf-8") as f:
         f.write("Ohjeet: Tallenna dokumentti ennen sulkemista. Muuta tekstiä.\n")
     out = tmp_path / "out"
-    manifest = build(locale, out, [corpus], per_language=10, train_per_label=1, test_per_label=1)
+    manifest = build(locale, out, [corpus], per_language=10, train_per_label=5, test_per_label=1)
 
     left_out = manifest["left_out"]["fi"]
     assert left_out["format or machine text"] == 2 and left_out["too short"] == 1
     assert left_out["identical to English"] == 1 and left_out["context entry"] == 1
     assert left_out["seen in corpus"] == 1
-    assert manifest["clean_pairs"]["fi"] == 5 and manifest["clean_pairs"]["no"] == 1
+    assert left_out["English seen in another catalog"] == 1
+    assert manifest["clean_pairs"]["fi"] == 6 and manifest["clean_pairs"]["no"] == 1
     task = read_transfer(out / "transfer")
-    # Per label the best-translated message is test (git's "number one": fi and no), one other train.
-    assert sorted(task.train_labels) == ["packages", "version-control"]
+    # Per label the best-translated message is test (git's "number one": fi and no), the rest train.
+    assert sorted(task.train_labels) == ["packages", "version-control", "version-control"]
     assert {lang: len(texts) for lang, (texts, _) in task.test.items()} == {"en": 2, "fi": 2, "no": 1}
     assert "Unable to reach server number one today" in task.test["en"][0]
     assert task.test["no"] == (["Kan ikke nå tjener nummer én i dag"], ["version-control"])
     train, test = set(task.train_texts), set(task.test["en"][0])
     assert not train & test
-    # Retrieval keeps what the transfer task did not take: one fi pair; no's one message is a test message.
+    # Retrieval keeps what the transfer task did not take: for fi the unlabelled message; no's
+    # one message is a test message.
     pairs = read_retrieval(out / "retrieval")
-    assert list(pairs) == ["fi"] and len(pairs["fi"][0]) == 1
-    assert pairs["fi"][0][0] not in train | test
+    assert pairs == {"fi": (["Skipping the unreadable entries for now"], ["Ohitetaan lukukelvottomat kohdat toistaiseksi"])}
