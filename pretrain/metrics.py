@@ -3,8 +3,9 @@ configured (offline by default). Also the FLOPs-per-token estimate behind MFU.
 
 metrics.jsonl holds one JSON object per logged step: "step", "loss", "accuracy", "lr",
 "grad_norm", "tokens_per_s", "samples_per_s", "data_wait_s", "skipped_steps", "tokens_seen",
-"lang_loss/<lang>", on GPU "mfu" and "gpu_memory_gb", and after a validation pass
-"valid/loss", "valid/accuracy", "valid_lang_loss/<lang>".
+"lang_loss/<lang>", on GPU "mfu" and "gpu_memory_gb", after a validation pass
+"valid/loss", "valid/accuracy", "valid_lang_loss/<lang>", and after a cross-lingual probe
+the keys of evaluation.probes.metrics_record ("retrieval/mean", "transfer_gap/<lang>", ...).
 """
 from __future__ import annotations
 
