@@ -1,7 +1,7 @@
 """The cross-lingual probes (pretrain/evaluation/probes.py): retrieval against a numpy
 computation, the transfer classifier against scikit-learn, which labels the transfer probe may
 see, the bundled probe set with a random model, the embeddings' independence of batching and
-ranks, bad input; and in the trainer (slow): probes leave the training as it was, resume stays
+ranks, bad input, the build script of the bundled set on hand-made catalogs; and in the trainer (slow): probes leave the training as it was, resume stays
 exact with them, 2 ranks (ZeRO 2 and 3) give what `xlmr-eval` gives on the checkpoint, plots.
 """
 from __future__ import annotations
