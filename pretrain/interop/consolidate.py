@@ -25,14 +25,18 @@ What a DeepSpeed tag holds, by ZeRO stage (as written by 1 to N ranks):
 
 For stages >= 1 DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint(lazy_mode=True)`
 reassembles the masters; it memory-maps the optimizer shards (the Adam moments, twice the
-weights, are never read into memory).
+weights, are never read into memory). bf16 at stage 1 is the exception: DeepSpeed trains it
+with its BF16_Optimizer, whose `bf16_zero_pp_rank_*_optim_states.pt` zero_to_fp32 refuses
+("is not a zero checkpoint"); `_bf16_optimizer_fp32_state_dict` reads those (issue 10).
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -49,6 +53,7 @@ HF_CONFIG = "config.json"
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # in order of preference
 PROVENANCE = "xlmr_export.json"  # written by xlmr-export beside the HF files
 TIED = ("lm_head.decoder.weight", "tok_emb.weight")  # one tensor under two names
+BF16_OPTIMIZER_SHARDS = "bf16_zero_pp_rank_*_optim_states.pt"  # DeepSpeed's BF16_Optimizer (bf16, ZeRO 1)
 
 
 @dataclass
@@ -122,13 +127,51 @@ def consolidated_state_dict(tag_dir: Union[str, Path]) -> dict[str, torch.Tensor
         # The shards' fp32 partitions are saved as Parameters: without no_grad every gathered
         # tensor would carry an autograd graph back to them, keeping every mapped shard alive.
         with torch.no_grad():
-            lazy = _deepspeed_fp32_state_dict(tag_dir)
+            bf16_shards = sorted(tag_dir.glob(BF16_OPTIMIZER_SHARDS), key=_shard_rank)
+            lazy = _bf16_optimizer_fp32_state_dict(tag_dir, bf16_shards) if bf16_shards else \
+                _deepspeed_fp32_state_dict(tag_dir)
             lazy.pop(TIED[0], None)  # DeepSpeed lists the tied weight twice: gathering it again would copy it
             # ZeRO-3: each .contiguous() gathers one parameter; ZeRO 1/2: it returns the view as is.
             state = {name: lazy_tensor.contiguous() for name, lazy_tensor in lazy.items()}
     else:
         raise PretrainError(f"{tag_dir}: unknown zero_stage {stage!r} in {MARKER}")
     state[TIED[0]] = state[TIED[1]]
+    return state
+
+
+def _shard_rank(path: Path) -> int:
+    return int(re.search(r"_rank_(\d+)_", path.name).group(1))
+
+
+def _bf16_optimizer_fp32_state_dict(tag_dir: Path, shards: list[Path]) -> dict[str, torch.Tensor]:
+    """The fp32 masters of a checkpoint written by DeepSpeed's BF16_Optimizer (bf16, ZeRO 1).
+
+    Each rank's file holds, per parameter group, its equal partition of the group's flat fp32
+    vector (`single_partition_of_fp32_groups`): the group's parameters flattened in the order
+    of the module file's `param_shapes`, padded at the end (the last rank's `group_paddings`)
+    to split evenly.
+    The files are memory-mapped; the concatenated groups are the one copy of the weights, and
+    the returned tensors are views into them (as zero_to_fp32 does for ZeRO 1 and 2)."""
+    module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
+    optim = [torch.load(f, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+             for f in shards]
+    counts = {c for o in optim for c in (o["partition_count"] if isinstance(o["partition_count"], list)
+                                         else [o["partition_count"]])}
+    if counts != {len(shards)} or [_shard_rank(f) for f in shards] != list(range(len(shards))):
+        raise PretrainError(f"{tag_dir}: {len(shards)} bf16 optimizer shards, but they were written by "
+                            f"{sorted(counts)} rank(s): a shard is missing or foreign")
+    state = {}
+    for group, shapes in enumerate(module["param_shapes"]):
+        flat = torch.cat([o["single_partition_of_fp32_groups"][group] for o in optim])
+        offset = 0
+        for name, shape in shapes.items():
+            numel = math.prod(shape)
+            state[name] = flat.narrow(0, offset, numel).view(shape)
+            offset += numel
+        needed = offset + optim[-1]["group_paddings"][group]
+        if needed != flat.numel():
+            raise PretrainError(f"{tag_dir}: parameter group {group} holds {flat.numel()} values, but its "
+                                f"parameters and padding need {needed}")
     return state
 
 
