@@ -53,7 +53,7 @@ HF_CONFIG = "config.json"
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # in order of preference
 PROVENANCE = "xlmr_export.json"  # written by xlmr-export beside the HF files
 TIED = ("lm_head.decoder.weight", "tok_emb.weight")  # one tensor under two names
-BF16_OPTIMIZER_SHARDS = "bf16_zero_pp_rank_*_optim_states.pt"  # DeepSpeed's BF16_Optimizer (bf16, ZeRO 1)
+OPTIMIZER_SHARDS = "*_optim_states.pt"  # one per rank (bf16_zero_pp_rank_*_... in bf16 runs, any stage)
 
 
 @dataclass
@@ -127,9 +127,7 @@ def consolidated_state_dict(tag_dir: Union[str, Path]) -> dict[str, torch.Tensor
         # The shards' fp32 partitions are saved as Parameters: without no_grad every gathered
         # tensor would carry an autograd graph back to them, keeping every mapped shard alive.
         with torch.no_grad():
-            bf16_shards = sorted(tag_dir.glob(BF16_OPTIMIZER_SHARDS), key=_shard_rank)
-            lazy = _bf16_optimizer_fp32_state_dict(tag_dir, bf16_shards) if bf16_shards else \
-                _deepspeed_fp32_state_dict(tag_dir)
+            lazy = _bf16_optimizer_fp32_state_dict(tag_dir) or _deepspeed_fp32_state_dict(tag_dir)
             lazy.pop(TIED[0], None)  # DeepSpeed lists the tied weight twice: gathering it again would copy it
             # ZeRO-3: each .contiguous() gathers one parameter; ZeRO 1/2: it returns the view as is.
             state = {name: lazy_tensor.contiguous() for name, lazy_tensor in lazy.items()}
@@ -143,8 +141,9 @@ def _shard_rank(path: Path) -> int:
     return int(re.search(r"_rank_(\d+)_", path.name).group(1))
 
 
-def _bf16_optimizer_fp32_state_dict(tag_dir: Path, shards: list[Path]) -> dict[str, torch.Tensor]:
-    """The fp32 masters of a checkpoint written by DeepSpeed's BF16_Optimizer (bf16, ZeRO 1).
+def _bf16_optimizer_fp32_state_dict(tag_dir: Path) -> Optional[dict[str, torch.Tensor]]:
+    """The fp32 masters of a checkpoint written by DeepSpeed's BF16_Optimizer (bf16, ZeRO 1),
+    None for the shards of DeepSpeed's ZeRO optimizers (they record their `zero_stage`).
 
     Each rank's file holds, per parameter group, its equal partition of the group's flat fp32
     vector (`single_partition_of_fp32_groups`): the group's parameters flattened in the order
@@ -152,9 +151,12 @@ def _bf16_optimizer_fp32_state_dict(tag_dir: Path, shards: list[Path]) -> dict[s
     to split evenly.
     The files are memory-mapped; the concatenated groups are the one copy of the weights, and
     the returned tensors are views into them (as zero_to_fp32 does for ZeRO 1 and 2)."""
-    module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
+    shards = sorted(tag_dir.glob(OPTIMIZER_SHARDS), key=_shard_rank)
     optim = [torch.load(f, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
              for f in shards]
+    if not optim or "zero_stage" in optim[0]:
+        return None
+    module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
     counts = {c for o in optim for c in (o["partition_count"] if isinstance(o["partition_count"], list)
                                          else [o["partition_count"]])}
     if counts != {len(shards)} or [_shard_rank(f) for f in shards] != list(range(len(shards))):

@@ -1,6 +1,7 @@
 """`xlmr-export` and pretrain.interop.consolidate on real checkpoints of the trainer (torchrun, gloo,
-tiny model, fp32): ZeRO 0-3 exports give, in Hugging Face transformers, the logits of the
-trained model as DeepSpeed itself loads it; the exported tokenizer gives our Dictionary's ids;
+tiny model): exports of every precision x ZeRO stage the trainer accepts (fp32 at ZeRO 0-3,
+bf16 at 1-3) give, in Hugging Face transformers, the logits of the fp32 master weights as
+DeepSpeed itself loads them; the exported tokenizer gives our Dictionary's ids;
 HF dirs load back; the CLI's steps, errors, atomic output and memory bound."""
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from tests.pretrain.test_model import randomize
 from tests.pretrain.test_train import REPO, free_port, pretrain_run
 
 # Steps 2 and 3 are both kept: the CLI tests pick one.
-TRAIN = ["trainer.max_steps=3", "trainer.save_every=2", "trainer.keep_last=5", "deepspeed.precision=fp32"]
+TRAIN = ["trainer.max_steps=3", "trainer.save_every=2", "trainer.keep_last=5"]
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
 
 
@@ -74,26 +75,29 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture(scope="module")
 def trained(prepared_data, tmp_path_factory):
-    """stage -> a run dir of 3 steps (checkpoints at 2 and 3): ZeRO 0 on 1 rank, 1-3 on 2 ranks."""
+    """(stage, precision) -> a run dir of 3 steps (checkpoints at 2 and 3): ZeRO 0 on 1 rank, 1-3 on 2 ranks."""
     runs = {}
 
-    def get(stage: int) -> Path:
-        if stage not in runs:
-            run = tmp_path_factory.mktemp(f"zero{stage}") / "run"
-            pretrain_run(prepared_data, run, f"deepspeed=zero{stage}", *TRAIN, nproc=1 if stage == 0 else 2)
-            runs[stage] = run
-        return runs[stage]
+    def get(stage: int, precision: str = "fp32") -> Path:
+        if (stage, precision) not in runs:
+            run = tmp_path_factory.mktemp(f"zero{stage}-{precision}") / "run"
+            pretrain_run(prepared_data, run, f"deepspeed=zero{stage}", f"deepspeed.precision={precision}", *TRAIN,
+                         nproc=1 if stage == 0 else 2)
+            runs[stage, precision] = run
+        return runs[stage, precision]
 
     return get
 
 
 # The reference: the trainer's own resume path (DeepSpeed's engine.load_checkpoint with the
-# world size that saved the tag), weights gathered from the live engine, logits of a plain
-# XLMR holding them. Nothing of pretrain.interop.consolidate or zero_to_fp32 is involved.
+# world size that saved the tag), the fp32 master weights gathered from the live engine
+# (DeepSpeed's safe_get_full_fp32_param: from its ZeRO or BF16_Optimizer partitions), logits
+# of a plain XLMR holding them. Nothing of pretrain.interop.consolidate or zero_to_fp32 is involved.
 REFERENCE_DRIVER = """
 import sys
 from pathlib import Path
-import deepspeed, torch
+import torch
+from deepspeed.utils import safe_get_full_fp32_param
 from pretrain.checkpoint import load_checkpoint, read_meta
 from pretrain.config import DeepSpeedConfig, OptimConfig
 from pretrain.distributed import build_engine, init_distributed, shutdown_distributed
@@ -111,8 +115,10 @@ optimizer = build_optimizer(model, optim, max_grad_norm=ds.gradient_clipping if 
 scheduler = build_lr_scheduler(optimizer, optim, run["trainer"]["max_steps"])
 engine = build_engine(model, optimizer, scheduler, ds, env.world_size)
 load_checkpoint(engine, tag, env.rank, env.world_size)
-with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):  # ZeRO-3: the full weights on every rank
-    weights = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
+weights = {}
+for name, p in engine.module.named_parameters():
+    master = safe_get_full_fp32_param(p)  # every rank (ZeRO-3 gathers); None at ZeRO 0, where p is fp32
+    weights[name] = (p if master is None else master).detach().clone().float()
 if env.rank == 0:
     plain = XLMR(cfg).eval()
     ids, mask = fixed_batch(cfg.vocab_size)
@@ -135,11 +141,14 @@ def reference_logits(tag: Path, tmp_path: Path) -> torch.Tensor:
     return torch.load(out)
 
 
-@pytest.mark.parametrize("stage", [
-    0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3,
+@pytest.mark.parametrize("stage, precision", [
+    (0, "fp32"), pytest.param(1, "fp32", marks=pytest.mark.slow), pytest.param(2, "fp32", marks=pytest.mark.slow),
+    (3, "fp32"),
+    (1, "bf16"),  # DeepSpeed's BF16_Optimizer: the files zero_to_fp32 cannot read
+    pytest.param(2, "bf16", marks=pytest.mark.slow), pytest.param(3, "bf16", marks=pytest.mark.slow),
 ])
-def test_export_gives_the_trained_models_logits_in_hf(trained, stage, tmp_path):
-    run = trained(stage)
+def test_export_gives_the_trained_models_logits_in_hf(trained, stage, precision, tmp_path):
+    run = trained(stage, precision)
     out = tmp_path / "hf"
     proc = export(run, out)
     assert "267,474 parameters" in proc.stdout  # the tiny model with the 2002-id vocabulary, tied decoder once
