@@ -1,4 +1,5 @@
-"""Shared fixtures: real prep output made once per test session by the real `xlmr-prep`."""
+"""Shared fixtures: real prep output made once per test session by the real `xlmr-prep`; the
+device rule: every test runs on the CPU unless it is marked `gpu`."""
 from __future__ import annotations
 
 import hashlib
@@ -9,6 +10,12 @@ from pathlib import Path
 
 import pytest
 from filelock import FileLock
+
+# CUDA is hidden from this process and every subprocess it starts (DS_ACCELERATOR=cpu alone
+# would let torch put the model on the GPU and the inputs elsewhere). Set before anything
+# initializes CUDA; `gpu` tests get the GPUs back in their subprocesses' env (gpu_env).
+VISIBLE_GPUS = os.environ.get("CUDA_VISIBLE_DEVICES")
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_CORPUS = REPO / "data_prep" / "sample_corpus"
@@ -50,3 +57,28 @@ def prepared_data(tmp_path_factory) -> Path:
         if not (out / "manifest.json").exists():
             run_prep(f"output_dir={out}", *PREPARED_DATA_ARGS)
     return out
+
+
+def _gpu_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "DS_ACCELERATOR")}
+    if VISIBLE_GPUS is not None:
+        env["CUDA_VISIBLE_DEVICES"] = VISIBLE_GPUS
+    return env
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run only where a subprocess with the GPUs visible finds CUDA."""
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                           capture_output=True, text=True, env=_gpu_env())
+    if probe.stdout.strip() != "True":
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)"))
+
+
+@pytest.fixture
+def gpu_env() -> dict:
+    """The environment for a `gpu` test's subprocesses: the GPUs this session was started with."""
+    return _gpu_env()

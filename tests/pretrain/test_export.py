@@ -130,15 +130,15 @@ shutdown_distributed()  # leave together: a rank exiting alone can abort in the 
 """
 
 
-def reference_logits(tag: Path, tmp_path: Path) -> torch.Tensor:
+def reference_logits(tag: Path, tmp_path: Path, env: dict | None = None) -> torch.Tensor:
     driver, out = tmp_path / "reference.py", tmp_path / "reference.pt"
     driver.write_text(REFERENCE_DRIVER)
     world = json.loads((tag / "checkpoint.json").read_text())["world_size"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
                            "--master_port", str(free_port()), str(driver), str(tag), str(out)],
-                          capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300)
+                          capture_output=True, text=True, cwd=REPO, env=env or ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out)
+    return torch.load(out, map_location="cpu")
 
 
 @pytest.mark.parametrize("stage, precision", [

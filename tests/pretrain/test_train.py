@@ -31,9 +31,11 @@ def free_port() -> int:
 
 
 def pretrain_run(data_dir: Path, run_dir: Path, *overrides: str, nproc: int = 1, script: Path | None = None,
-                 check: bool = True, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+                 check: bool = True, env: dict | None = None, timeout: int = 600,
+                 base_env: dict | None = None) -> subprocess.CompletedProcess:
     """Run xlmr-pretrain (or a driver `script` that patches it) in `nproc` real processes:
-    plain python for one, torchrun with gloo for more."""
+    plain python for one, torchrun with gloo for more. On the CPU (CUDA hidden, conftest.py)
+    unless `base_env` (a `gpu` test's gpu_env) shows the GPUs."""
     target = [str(script)] if script else ["-m", "pretrain.cli"]
     if nproc == 1:
         cmd = [sys.executable, *target]
@@ -43,7 +45,8 @@ def pretrain_run(data_dir: Path, run_dir: Path, *overrides: str, nproc: int = 1,
     cmd += [f"data_dir={data_dir}", f"run_dir={run_dir}", *FAST, *overrides]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-        env={**os.environ, "DS_ACCELERATOR": "cpu", "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1",
+        env={**(os.environ if base_env is None else base_env), "DS_ACCELERATOR": "cpu", "HYDRA_FULL_ERROR": "0",
+             "OMP_NUM_THREADS": "1",
              "PYTHONPATH": str(REPO), "WANDB_SILENT": "true", **(env or {})},
     )
     if check and proc.returncode != 0:
