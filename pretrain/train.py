@@ -52,6 +52,7 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
     env = init_distributed()
     preemption.install()  # SIGUSR1/SIGTERM (SLURM): checkpoint and exit at the next step
     rank, world, device = env.rank, env.world_size, env.device
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
     say = print if rank == 0 else (lambda *args, **kwargs: None)  # progress lines: rank 0 only
     if rank == 0:
         for name in checkpoint.remove_incomplete(run_dir / checkpoint.CHECKPOINTS):
