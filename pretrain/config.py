@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from pretrain.data import DataConfig
 from pretrain.masking import MaskingConfig
 from pretrain.model import ModelConfig
+from pretrain.schedules import MASK_SCHEDULES, SHAPES
 
 
 class PretrainError(Exception):
@@ -38,16 +39,21 @@ class DeepSpeedConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with the RoBERTa/XLM-R defaults; linear warmup, then linear or polynomial decay."""
+    """AdamW with the RoBERTa/XLM-R defaults; linear warmup, then one of the schedules of optim.lr_factor."""
 
     lr: float = 6e-4  # peak learning rate, reached at the end of warmup
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
     warmup_steps: Optional[int] = None  # None: 6% of trainer.max_steps
-    schedule: str = "linear"  # linear | polynomial (fairseq's polynomial_decay with `power`)
+    schedule: str = "linear"  # linear | polynomial (fairseq's polynomial_decay with `power`) | inverse_sqrt | wsd
     power: float = 1.0  # exponent of the polynomial decay (1.0 is linear)
-    end_lr: float = 0.0  # learning rate reached at trainer.max_steps
+    end_lr: float = 0.0  # learning rate reached at trainer.max_steps (wsd: at the decay's end)
+    # wsd (warmup-stable-decay): the decay's first step (None: decay_steps before max_steps),
+    # its length (None: to max_steps from decay_start, or 10% of max_steps) and shape.
+    decay_start: Optional[int] = None
+    decay_steps: Optional[int] = None
+    decay_shape: str = "linear"  # linear | cosine | sqrt (1 - sqrt(progress))
 
 
 @dataclass
@@ -118,8 +124,19 @@ def check_config(cfg: PretrainConfig) -> None:
         problems.append(f"deepspeed.precision={ds.precision}: must be auto, bf16 or fp32")
     if ds.micro_batch_size < 1 or ds.gradient_accumulation_steps < 1:
         problems.append("deepspeed.micro_batch_size and deepspeed.gradient_accumulation_steps must be >= 1")
-    if opt.schedule not in ("linear", "polynomial"):
-        problems.append(f"optim.schedule={opt.schedule}: must be linear or polynomial")
+    if opt.schedule not in ("linear", "polynomial", "inverse_sqrt", "wsd"):
+        problems.append(f"optim.schedule={opt.schedule}: must be linear, polynomial, inverse_sqrt or wsd")
+    if opt.decay_shape not in SHAPES:
+        problems.append(f"optim.decay_shape={opt.decay_shape}: must be one of {', '.join(SHAPES)}")
+    if (opt.decay_start is not None and opt.decay_start < 0) or (opt.decay_steps is not None and opt.decay_steps < 0):
+        problems.append("optim.decay_start and optim.decay_steps must be >= 0")
+    m = cfg.masking
+    if m.schedule not in MASK_SCHEDULES:
+        problems.append(f"masking.schedule={m.schedule}: must be one of {', '.join(MASK_SCHEDULES)}")
+    if not (0 <= m.mask_prob <= 1 and 0 <= m.end_mask_prob <= 1):
+        problems.append("masking.mask_prob and masking.end_mask_prob must be in [0, 1]")
+    if m.mask_token_prob < 0 or m.random_token_prob < 0 or m.mask_token_prob + m.random_token_prob > 1:
+        problems.append("masking.mask_token_prob and random_token_prob must be >= 0 and add up to at most 1")
     if len(opt.betas) != 2:
         problems.append(f"optim.betas={list(opt.betas)}: must be two numbers")
     if tr.probe_every < 0:

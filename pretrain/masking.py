@@ -17,7 +17,7 @@ Specials (never selected, never drawn as replacements): ids below num_special (<
 
 import hashlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -29,10 +29,16 @@ WORD_START = "\u2581"  # SentencePiece's "▁" marks a piece that begins a word
 
 @dataclass
 class MaskingConfig:
-    mask_prob: float = 0.15
+    mask_prob: float = 0.15  # the masking rate; with a schedule, its value up to schedule_start
     mask_token_prob: float = 0.8
     random_token_prob: float = 0.1  # the remaining 1 - 0.8 - 0.1 stay unchanged
     whole_word: bool = False
+    # The rate over training (schedules.mask_prob_at): constant | linear | cosine | step,
+    # from mask_prob at schedule_start to end_mask_prob at schedule_end (null: trainer.max_steps).
+    schedule: str = "constant"
+    end_mask_prob: float = 0.15
+    schedule_start: int = 0
+    schedule_end: Optional[int] = None
 
 
 def keyed_generator(*key) -> torch.Generator:
@@ -75,8 +81,11 @@ def mask_batch(
     vocab_size: int,
     num_special: int = NUM_SPECIAL,
     word_start: torch.Tensor | None = None,
+    mask_prob: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, T] token ids -> (input_ids, labels), both long [B, T].
+
+    ``mask_prob`` is the step's masking rate (schedules.mask_prob_at); None: cfg.mask_prob.
 
     labels hold the original token at selected positions and IGNORE_INDEX elsewhere. The random
     numbers are drawn on the generator's device (CPU) and moved, so a mask depends only on the
@@ -106,7 +115,8 @@ def mask_batch(
     # Choose k of the n eligible word starts uniformly: rank random scores, ineligible last.
     candidate = starts & ~special
     n = candidate.sum(dim=1)
-    k = (cfg.mask_prob * n + rand(B)).floor().long()
+    rate = cfg.mask_prob if mask_prob is None else mask_prob
+    k = (rate * n + rand(B)).floor().long()
     score = torch.where(candidate, rand(B, T), 2.0)  # rand < 1, so 2.0 ranks after them
     rank = score.argsort(dim=1, stable=True).argsort(dim=1)
     selected = (rank < k[:, None]).gather(1, word_pos)

@@ -1,5 +1,7 @@
-"""The optimizer and learning-rate schedule: AdamW with RoBERTa/XLM-R settings and
-linear warmup followed by linear or polynomial decay (fairseq's `polynomial_decay`)."""
+"""The optimizer and learning-rate schedule: AdamW with RoBERTa/XLM-R settings and a linear
+warmup followed by linear or polynomial decay (fairseq's `polynomial_decay`), by fairseq's
+inverse square root, or by warmup-stable-decay (constant, then a decay of its own shape and
+length: ModernBERT, mmBERT)."""
 from __future__ import annotations
 
 import math
@@ -7,6 +9,7 @@ import math
 import torch
 from torch import nn
 
+from pretrain import schedules
 from pretrain.config import OptimConfig
 
 
@@ -66,13 +69,36 @@ def warmup_steps(cfg: OptimConfig, max_steps: int) -> int:
     return cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(0.06 * max_steps)
 
 
+def decay_window(cfg: OptimConfig, max_steps: int) -> tuple[int, int]:
+    """(first step of the decay, its length) of the wsd schedule: decay_steps long (None: to
+    max_steps from decay_start, or 10% of max_steps), starting at decay_start (None: so that it
+    ends at max_steps). A decay branch sets decay_start to its checkpoint's step."""
+    if cfg.decay_steps is not None:
+        length = cfg.decay_steps
+    elif cfg.decay_start is not None:
+        length = max_steps - cfg.decay_start
+    else:
+        length = math.ceil(0.1 * max_steps)
+    start = cfg.decay_start if cfg.decay_start is not None else max_steps - length
+    return start, length
+
+
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     """Multiplier of cfg.lr after `step` optimizer updates: 0 -> 1 over the warmup, then
-    (1 - progress)^power down to end_lr at max_steps (power 1 for the linear schedule)."""
+    linear / polynomial: (1 - progress)^power down to end_lr at max_steps (power 1: linear);
+    inverse_sqrt: sqrt(warmup / step); wsd: 1 until the decay window, along decay_shape down
+    to end_lr over it, end_lr after it."""
     warmup = warmup_steps(cfg, max_steps)
     if step < warmup:
         return (step + 1) / (warmup + 1)  # the first update already gets a small nonzero lr
+    if cfg.schedule == "inverse_sqrt":
+        return math.sqrt(max(1, warmup) / max(1, step))
     end = cfg.end_lr / cfg.lr if cfg.lr else 0.0  # lr=0 (a dry run) must not divide by zero
+    if cfg.schedule == "wsd":
+        start, length = decay_window(cfg, max_steps)
+        if step < start:
+            return 1.0
+        return end + (1.0 - end) * schedules.decay(cfg.decay_shape, (step - start) / max(1, length))
     if step >= max_steps:
         return end
     progress = (step - warmup) / max(1, max_steps - warmup)

@@ -1,5 +1,5 @@
 """metrics.jsonl -> PNG plots: loss (with validation loss), per-language loss, learning
-rate, throughput, and where the run probed (trainer.probe_every) the cross-lingual probes:
+rate (and the masking rate), the language shares of the tokens seen, throughput, and where the run probed (trainer.probe_every) the cross-lingual probes:
 retrieval and zero-shot transfer per language. Used by `xlmr-plot RUN_DIR`."""
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def _per_language(ax, records: list[dict], prefix: str, summary: dict[str, str])
 
 
 def plot_metrics(metrics_path: Path, out_dir: Path) -> list[Path]:
-    """Write loss.png, lang_loss.png, lr.png and throughput.png, and retrieval.png and
+    """Write loss.png, lang_loss.png, lr.png, lang_share.png and throughput.png, and retrieval.png and
     transfer.png where the run probed; returns their paths."""
     records = read_metrics(metrics_path)
     if not any(r.get("loss") is not None for r in records):
@@ -67,9 +67,25 @@ def plot_metrics(metrics_path: Path, out_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot(*_series(records, "lr"))
-    ax.set(xlabel="step", ylabel="learning rate", title="learning rate")
+    ax.set(xlabel="step", ylabel="learning rate", title="learning rate (masking rate dashed)")
     ax.grid(alpha=0.3)
+    steps, rate = _series(records, "mask_prob")
+    if steps:
+        ax2 = ax.twinx()
+        ax2.plot(steps, rate, "--", color="tab:green")
+        ax2.set_ylabel("masking rate")
     paths.append(_save(fig, out_dir / "lr.png"))
+
+    # The language shares of the tokens seen per logged interval, stacked: phases show as steps.
+    langs = sorted({k.split("/", 1)[1] for r in records for k in r if k.startswith("lang_share/")})
+    fig, ax = plt.subplots(figsize=(8, 5))
+    shared = [r for r in records if any(k.startswith("lang_share/") for k in r)]
+    if shared:
+        ax.stackplot([r["step"] for r in shared], [[r.get(f"lang_share/{lang}", 0.0) for r in shared] for lang in langs],
+                     labels=langs)
+        ax.legend(ncol=4, fontsize=6, loc="upper left", bbox_to_anchor=(1, 1))
+    ax.set(xlabel="step", ylabel="share of tokens", title="language shares over training", ylim=(0, 1))
+    paths.append(_save(fig, out_dir / "lang_share.png"))
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot(*_series(records, "tokens_per_s"), label="tokens/s")

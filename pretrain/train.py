@@ -22,6 +22,7 @@ from pretrain.config import PretrainConfig, PretrainError, check_config
 from pretrain.data import (
     ShardError, build_train_loader, build_valid_loaders, carry_over_plan, languages, load_manifest,
 )
+from pretrain.data.phases import Mixture
 from pretrain.distributed import (
     all_reduce_sum, broadcast_object, build_engine, init_distributed, resolve_precision, shutdown_distributed,
 )
@@ -31,6 +32,7 @@ from pretrain.masking import load_word_starts, mask_batch, masking_generator
 from pretrain.metrics import MetricsLogger, flops_per_token, wandb_run_id
 from pretrain.model import IGNORE_INDEX, XLMR, ModelConfig, num_parameters
 from pretrain.optim import build_lr_scheduler, build_optimizer
+from pretrain.schedules import mask_prob_at
 
 
 def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
@@ -85,20 +87,24 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
     if resume_from:
         state.update(checkpoint.load_checkpoint(engine, resume_from, rank, world))
         say(f"resuming from step {state['step']} ({resume_from})")
-    if rank == 0:
-        state["wandb_run_id"] = wandb_run_id(run_dir, state["wandb_run_id"])
+    if rank == 0:  # a branch (resume= another run's checkpoint) is a W&B run of its own
+        own = resume_from is not None and run_dir.resolve() in resume_from.resolve().parents
+        state["wandb_run_id"] = wandb_run_id(run_dir, state["wandb_run_id"] if own else None)
     state["wandb_run_id"] = broadcast_object(state["wandb_run_id"])
 
     # ---- data: this rank's endless stream, positioned after what it already consumed -------
     try:
+        mixture = Mixture(manifest, cfg.data.phases, cfg.data.alpha)  # data.phases: alpha, languages per step
+        _check_phase_resume(resume_meta, cfg)
         saved_plan = state["data_plan"]
         state["data_plan"] = carry_over_plan(cfg.data_dir, manifest, cfg.data, saved_plan,
-                                             state["consumed_micro_batches"], world, ds.micro_batch_size)
+                                             state["consumed_micro_batches"], world, ds.micro_batch_size,
+                                             ds.gradient_accumulation_steps)
         if saved_plan is not None and state["data_plan"] is not saved_plan:
             say(f"data position carried over from {saved_plan['layout']} to {state['data_plan']['layout']}: "
                 "the unread rest of every language is dealt anew, no sample repeated or skipped")
         loader = build_train_loader(cfg.data_dir, manifest, cfg.data, rank, world, ds.micro_batch_size,
-                                    state["consumed_micro_batches"], state["data_plan"])
+                                    state["consumed_micro_batches"], state["data_plan"], ds.gradient_accumulation_steps)
         valid_loaders = build_valid_loaders(cfg.data_dir, manifest, cfg.data, rank, world, ds.micro_batch_size)
     except (OSError, ValueError, ShardError) as exc:
         raise PretrainError(str(exc)) from None
@@ -124,16 +130,22 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
     interval = _Interval(len(langs))
     nonfinite_in_row = 0
     preempted = False
+    shown_phase = None
     engine.train()
     while state["step"] < stop_at:
         step = state["step"]
         lr = engine.get_lr()[0]
+        phase = mixture.phase_at(step)
+        mask_prob = mask_prob_at(step, cfg.masking, tr.max_steps, mixture.phases[phase].mask_prob)
+        if phase != shown_phase:
+            shown_phase = phase
+            say(f"step {step}: phase {phase}, alpha {mixture.alphas[phase]}, languages {' '.join(mixture.in_play(step))}")
         t0 = time.perf_counter()
         micro_batches = [next(batches) for _ in range(gas)]  # the whole step's data, ahead
         interval.data_wait += time.perf_counter() - t0
         # Masks depend only on (seed, step, rank, micro-batch): a resumed run masks the same.
         masked = [mask_batch(b["input_ids"], cfg.masking, masking_generator(tr.seed, step, rank, k), vocab_size=V,
-                             word_start=word_start) for k, b in enumerate(micro_batches)]
+                             word_start=word_start, mask_prob=mask_prob) for k, b in enumerate(micro_batches)]
 
         # The step's loss is the mean over every masked token of the accumulated batch on all
         # ranks, not a mean of per-micro-batch means. Each micro-batch contributes its loss SUM
@@ -168,6 +180,8 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
 
         if step % tr.log_every == 0 or step == stop_at:
             record = interval.record(langs, state, model_cfg, seq_len, tr.peak_flops, world, device)
+            record.update(phase=phase, alpha=mixture.alphas[phase], languages_in_play=len(mixture.in_play(step - 1)),
+                          mask_prob=mask_prob)
             logger.log(step, record)
             say(_progress_line(step, tr.max_steps, record))
             interval = _Interval(len(langs))
@@ -257,6 +271,17 @@ def _collective(make, rank: int):
     return result
 
 
+def _check_phase_resume(resume_meta: Optional[dict], cfg: PretrainConfig) -> None:
+    """With phases, the loader finds a micro-batch's phase as its index // the accumulation
+    steps: a resume with other accumulation steps would misplace the draws already made."""
+    if not resume_meta or not cfg.data.phases:
+        return
+    saved = resume_meta["config"]["deepspeed"]["gradient_accumulation_steps"]
+    if saved != cfg.deepspeed.gradient_accumulation_steps:
+        raise PretrainError(f"deepspeed.gradient_accumulation_steps={cfg.deepspeed.gradient_accumulation_steps} but the "
+                            f"checkpoint was made with {saved}: with data.phases keep it (change micro_batch_size or ranks instead)")
+
+
 def _rank_seed(seed: int, rank: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"dropout/{seed}/{rank}".encode(), digest_size=7).digest(), "little")
 
@@ -270,10 +295,10 @@ def _rng_untouched(device: torch.device):
 class _Interval:
     """Sums between two metrics records. A step's all-reduced vector holds: loss sum, masked
     tokens, correct predictions, non-pad tokens, sequences, positions, then per language the
-    loss sums and the masked tokens."""
+    loss sums, the masked tokens and the non-pad tokens."""
 
     def __init__(self, num_langs: int):
-        self.sums = torch.zeros(self.width(num_langs), dtype=torch.float64)
+        self.sums, self.num_langs = torch.zeros(self.width(num_langs), dtype=torch.float64), num_langs
         self.steps, self.data_wait = 0, 0.0
         self.grad_norm: Optional[float] = None
         self.lr = 0.0
@@ -281,7 +306,7 @@ class _Interval:
 
     @staticmethod
     def width(num_langs: int) -> int:
-        return 6 + 2 * num_langs
+        return 6 + 3 * num_langs
 
     def add(self, sums: torch.Tensor, lr: float, grad_norm, finite: bool = True) -> None:
         """A skipped (non-finite) step counts for throughput, not for loss and accuracy."""
@@ -290,6 +315,7 @@ class _Interval:
             self.grad_norm = None if grad_norm is None else float(grad_norm)
         else:
             self.sums[3:6] += sums[3:6]
+            self.sums[6 + 2 * self.num_langs:] += sums[6 + 2 * self.num_langs:]  # tokens per language
         self.steps += 1
         self.lr = lr
 
@@ -309,9 +335,11 @@ class _Interval:
             "skipped_steps": state["skipped_steps"],
             "tokens_seen": state["tokens_seen"],
         }
-        for lang, lang_loss, lang_masked in zip(langs, s[6:6 + n], s[6 + n:]):
+        record["masked_fraction"] = masked / tokens if tokens else None  # measured: masked of non-pad tokens
+        for lang, lang_loss, lang_masked, lang_tokens in zip(langs, s[6:6 + n], s[6 + n:6 + 2 * n], s[6 + 2 * n:]):
             if lang_masked:
                 record[f"lang_loss/{lang}"] = lang_loss / lang_masked
+            record[f"lang_share/{lang}"] = lang_tokens / tokens if tokens else 0.0  # of the interval's tokens
         if device.type == "cuda" and positions:
             achieved = flops_per_token(model_cfg, seq_len, masked / positions) * positions / elapsed
             record["mfu"] = achieved / (peak_flops * world)
@@ -326,11 +354,13 @@ def _micro_batch_sums(out, batch, num_langs: int, pad_id: int, device) -> torch.
         0, lang, out.seq_loss_sum.double())
     per_lang_masked = torch.zeros(num_langs, dtype=torch.float64, device=device).index_add_(
         0, lang, out.seq_num_masked.double())
+    per_lang_tokens = torch.zeros(num_langs, dtype=torch.float64, device=device).index_add_(
+        0, lang, input_ids.ne(pad_id).sum(dim=1).double().to(device))
     head = torch.tensor([
         float(out.loss_sum.detach()), float(out.num_masked), float(out.num_correct),
         float(input_ids.ne(pad_id).sum()), float(input_ids.shape[0]), float(input_ids.numel()),
     ], dtype=torch.float64, device=device)
-    return torch.cat([head, per_lang_loss, per_lang_masked])
+    return torch.cat([head, per_lang_loss, per_lang_masked, per_lang_tokens])
 
 
 def _evaluate(engine, valid_loaders: dict, cfg: PretrainConfig, V: int, word_start, device) -> dict:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import numpy as np
 import torch
@@ -18,7 +19,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.data import position
 from pretrain.data.dealing import ShardSequence, block_order
-from pretrain.data.manifest import Shard, languages, mixing_probs, shards, usable_shards
+from pretrain.data.manifest import Shard, languages, shards, usable_shards
+from pretrain.data.phases import Mixture, PhaseConfig
 from pretrain.data.shards import ShardError, TokenSpec, read_shard
 
 
@@ -33,6 +35,9 @@ class DataConfig:
     shuffle_block: int = 256  # shuffle samples within blocks of this many per shard (1: off)
     pin_memory: bool = True  # pinned host memory for faster copies, when CUDA is available
     valid_max_sequences_per_lang: Optional[int] = None  # cap each language's validation set
+    # Per range of steps its own alpha, languages and masking rate (phases.py); empty: one
+    # phase of `alpha` over every language.
+    phases: List[PhaseConfig] = field(default_factory=list)
 
 
 def _collate(rows: list[tuple[str, np.ndarray]], langs: list[int], spec: TokenSpec) -> dict[str, Any]:
@@ -53,16 +58,17 @@ class TrainStream(IterableDataset):
     num_workers-th micro-batch from its own slot. Its state is the plan of the current
     generation (position.py) and ``consumed_micro_batches``."""
 
-    def __init__(self, data_dir, manifest, cfg: DataConfig, rank: int, plan: dict, consumed_micro_batches: int = 0):
+    def __init__(self, data_dir, manifest, cfg: DataConfig, rank: int, plan: dict, consumed_micro_batches: int = 0,
+                 micro_batches_per_step: int = 1):
         self.cfg, self.rank, self.plan = cfg, rank, plan
         self.micro_batch_size, self.num_workers = plan["layout"]["micro_batch_size"], plan["layout"]["num_workers"]
         self.consumed = consumed_micro_batches - plan["start"]  # within this generation
         self.spec = TokenSpec.from_manifest(manifest)
         self.languages = languages(manifest)
-        q = mixing_probs(manifest, cfg.alpha)
-        self.mixed = [lang for lang in self.languages if q.get(lang, 0) > 0]
-        probs = np.array([q[lang] for lang in self.mixed], dtype=np.float64)
-        self.cdf = np.cumsum(probs / probs.sum())
+        self.mixture = Mixture(manifest, cfg.phases, cfg.alpha)
+        self.mixed = self.mixture.languages  # every language some phase mixes: the draws index this
+        # The (cdf, micro-batches) runs of a slot's micro-batches: phase changes at step boundaries.
+        self.runs = functools.partial(self.mixture.runs, micro_batches_per_step=micro_batches_per_step)
         self.sequences: dict[str, ShardSequence] = {}
         self.skipped_shards: list[Shard] = []
         for lang in self.mixed:
@@ -84,11 +90,14 @@ class TrainStream(IterableDataset):
         # Resume: replay the language draws of the micro-batches this worker made (no I/O) and
         # turn the per-language counts into places in the language streams.
         made = position.micro_batches_made(self.consumed, worker, self.num_workers)
-        counts = position.language_counts(rng, self.cdf, made, self.micro_batch_size)
+        start = self.plan["start"]
+        counts = position.language_counts(rng, self.runs(start, worker, made, self.num_workers), self.micro_batch_size,
+                                          len(self.mixed))
         streams = [self._language_stream(lang, slot, int(n)) for lang, n in zip(self.mixed, counts)]
         lang_index = [self.languages.index(lang) for lang in self.mixed]
-        while True:
-            draws = position.draw_languages(rng, self.cdf, self.micro_batch_size)
+        for k in itertools.count(made):  # this worker's k-th micro-batch of the generation
+            [(cdf, _)] = self.runs(start, worker + k * self.num_workers, 1, self.num_workers)
+            draws = position.draw_languages(rng, cdf, self.micro_batch_size)
             rows = [next(streams[i]) for i in draws]
             yield _collate(rows, [lang_index[i] for i in draws], self.spec)
 
@@ -112,19 +121,21 @@ class TrainStream(IterableDataset):
 
 
 def build_train_loader(data_dir: str | Path, manifest: dict, cfg: DataConfig, rank: int, world_size: int,
-                       micro_batch_size: int, consumed_micro_batches: int = 0, plan: Optional[dict] = None) -> DataLoader:
+                       micro_batch_size: int, consumed_micro_batches: int = 0, plan: Optional[dict] = None,
+                       micro_batches_per_step: int = 1) -> DataLoader:
     """The endless train loader of one rank, positioned after ``consumed_micro_batches``.
 
     Batch i of a generation comes from worker i % num_workers (torch hands batches out
     round-robin, in order), which makes the stream a function of (seed, alpha, the plan) and
-    resumable from the count alone. ``plan`` (default: the first generation's) must have this
+    resumable from the count alone. ``micro_batches_per_step`` (gradient accumulation) places
+    the phase changes of cfg.phases at step boundaries. ``plan`` (default: the first generation's) must have this
     run's layout: see `carry_over_plan`. ``loader.dataset.skipped_shards`` lists shards skipped
     as unreadable (log its length)."""
     run_layout = position.layout(world_size, cfg.num_workers, micro_batch_size)
     plan = plan or position.first_plan(run_layout)
     if plan["layout"] != run_layout:
         raise ValueError(f"the data plan is for layout {plan['layout']}, this run has {run_layout}: carry it over first")
-    dataset = TrainStream(data_dir, manifest, cfg, rank, plan, consumed_micro_batches)
+    dataset = TrainStream(data_dir, manifest, cfg, rank, plan, consumed_micro_batches, micro_batches_per_step)
     workers = cfg.num_workers
     return DataLoader(
         dataset, batch_size=None, num_workers=workers, pin_memory=cfg.pin_memory and torch.cuda.is_available(),
@@ -133,7 +144,8 @@ def build_train_loader(data_dir: str | Path, manifest: dict, cfg: DataConfig, ra
 
 
 def carry_over_plan(data_dir: str | Path, manifest: dict, cfg: DataConfig, plan: Optional[dict],
-                    consumed_micro_batches: int, world_size: int, micro_batch_size: int) -> dict:
+                    consumed_micro_batches: int, world_size: int, micro_batch_size: int,
+                    micro_batches_per_step: int = 1) -> dict:
     """The plan this run reads with: the first generation's for a new run (``plan`` None),
     ``plan`` itself if this run has its layout, else the next generation's plan: the unread
     rest of every language dealt over this run's slots (position.carry_over)."""
@@ -142,9 +154,9 @@ def carry_over_plan(data_dir: str | Path, manifest: dict, cfg: DataConfig, plan:
         return position.first_plan(run_layout)
     if plan["layout"] == run_layout:
         return plan
-    stream = TrainStream(data_dir, manifest, cfg, 0, plan, consumed_micro_batches)
+    stream = TrainStream(data_dir, manifest, cfg, 0, plan, consumed_micro_batches, micro_batches_per_step)
     sizes = {lang: sequence.samples for lang, sequence in stream.sequences.items()}
-    return position.carry_over(plan, consumed_micro_batches, run_layout, cfg.seed, stream.cdf, stream.mixed, sizes)
+    return position.carry_over(plan, consumed_micro_batches, run_layout, cfg.seed, stream.runs, stream.mixed, sizes)
 
 
 class ValidSet(IterableDataset):

@@ -74,12 +74,15 @@ def micro_batches_made(consumed: int, worker: int, num_workers: int) -> int:
     return max(0, -(-(consumed - worker) // num_workers))
 
 
-def language_counts(rng: np.random.Generator, cdf: np.ndarray, micro_batches: int, micro_batch_size: int) -> np.ndarray:
-    """Samples per language in a slot's first ``micro_batches`` micro-batches (advances rng)."""
-    counts = np.zeros(len(cdf), dtype=np.int64)
-    samples = micro_batches * micro_batch_size
-    for done in range(0, samples, 1 << 20):
-        counts += np.bincount(draw_languages(rng, cdf, min(samples - done, 1 << 20)), minlength=len(cdf))
+def language_counts(rng: np.random.Generator, runs: list[tuple[np.ndarray, int]], micro_batch_size: int,
+                    num_langs: int) -> np.ndarray:
+    """Samples per language in a slot's micro-batches given as runs of (cdf, micro-batches)
+    (phases.Mixture.runs; one run without phases); advances rng."""
+    counts = np.zeros(num_langs, dtype=np.int64)
+    for cdf, micro_batches in runs:
+        samples = micro_batches * micro_batch_size
+        for done in range(0, samples, 1 << 20):
+            counts += np.bincount(draw_languages(rng, cdf, min(samples - done, 1 << 20)), minlength=len(cdf))
     return counts
 
 
@@ -93,12 +96,13 @@ def progress(items: Iterator[tuple[int, int]], shard_samples: Callable[[int], in
     raise AssertionError("unreachable: items are endless")
 
 
-def carry_over(plan: dict, consumed: int, new_layout: dict[str, int], seed: int, cdf: np.ndarray,
+def carry_over(plan: dict, consumed: int, new_layout: dict[str, int], seed: int, runs: Callable[..., list],
                languages: list[str], shard_samples: dict[str, Callable[[int], int]]) -> dict:
     """The next generation's plan for ``new_layout``, after every rank of ``plan``'s layout
     consumed ``consumed`` micro-batches (counted from the run's start). ``languages`` are the
-    mixture's languages in the order of ``cdf``; ``shard_samples[lang](position)`` the size
-    of the shard at a position of that language's sequence."""
+    mixture's languages in the order of the CDFs; ``shard_samples[lang](position)`` the size
+    of the shard at a position of that language's sequence; ``runs(start, first, count, stride)``
+    the (cdf, micro-batches) runs of a slot's micro-batches (phases.Mixture.runs)."""
     old, n_slots = plan["layout"], num_slots(plan)
     in_generation = consumed - plan["start"]
     counts = {}  # slot -> samples per language
@@ -106,7 +110,8 @@ def carry_over(plan: dict, consumed: int, new_layout: dict[str, int], seed: int,
         for worker in range(old["num_workers"]):
             made = micro_batches_made(in_generation, worker, old["num_workers"])
             rng = language_rng(seed, plan, rank, worker)
-            counts[rank * old["num_workers"] + worker] = language_counts(rng, cdf, made, old["micro_batch_size"])
+            slot_runs = runs(plan["start"], worker, made, old["num_workers"])
+            counts[rank * old["num_workers"] + worker] = language_counts(rng, slot_runs, old["micro_batch_size"], len(languages))
 
     pending, fresh = {}, {}
     for li, lang in enumerate(languages):

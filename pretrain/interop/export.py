@@ -25,6 +25,7 @@ import torch
 
 from pretrain.checkpoint import VOCAB_FILE
 from pretrain.config import PretrainError
+from pretrain.interop.average import average_tags, load_average
 from pretrain.interop.consolidate import PROVENANCE, load_model, resolve_tag
 from pretrain.interop.hf_convert import hf_config_kwargs, to_hf_state_dict
 from pretrain.model import num_parameters
@@ -35,13 +36,14 @@ HF_TIED = ("lm_head.decoder.weight", "lm_head.decoder.bias")
 
 
 def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, dtype: str = "fp32",
-           overwrite: bool = False) -> list[str]:
-    """Write the HF model of RUN_DIR's checkpoint (of `step`, else the newest) to OUT_DIR;
+           overwrite: bool = False, average: Optional[list[Path]] = None) -> list[str]:
+    """Write the HF model of RUN_DIR's checkpoint (of `step`, else the newest) to OUT_DIR, or
+    with `average` (tags, average.average_tags) the parameter mean of those checkpoints;
     return the lines to print."""
-    tag = resolve_tag(run_dir, step)  # before any work: a missing step fails at once
+    tag = average[-1] if average else resolve_tag(run_dir, step)  # before any work: a missing step fails at once
     if _occupied(out_dir) and not overwrite:
         raise PretrainError(f"{out_dir} exists and is not an empty directory: pass --overwrite to replace it")
-    loaded = load_model(tag)
+    loaded = load_average(average) if average else load_model(tag)
     meta = loaded.meta
     n_params = num_parameters(loaded.model)
 
@@ -59,6 +61,7 @@ def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, dtype: str 
             "languages": meta.get("languages"), "zero_stage": meta.get("zero_stage"),
             "world_size": meta.get("world_size"), "precision": meta.get("precision"), "dtype": dtype,
             "parameters": n_params, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "averaged": [str(t.resolve()) for t in average] if average else None,
         }
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(_readme(provenance), encoding="utf-8")
@@ -103,6 +106,7 @@ Trained with xlmr-pretrain; exported by xlmr-export from `{p['source']}`.
 - step {p['step']}, {p['tokens_seen']:,} tokens seen; {p['parameters']:,} parameters, weights in {p['dtype']}
 - vocabulary: `sentencepiece.bpe.model`, sha256 {p['vocab_sha256']}
 - data: `{p['data_dir']}`
+{"- weights: the parameter mean of " + ", ".join(f"`{a}`" for a in p["averaged"]) if p["averaged"] else ""}
 
 ```python
 from transformers import AutoModelForMaskedLM, AutoTokenizer
@@ -141,9 +145,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("out_dir", type=Path, help="where to write the Hugging Face model")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights dtype (default fp32)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument("--average", type=int, metavar="K", default=None,
+                        help="export the parameter mean of the newest K complete checkpoints")
+    parser.add_argument("--average-steps", type=int, nargs="+", metavar="STEP", default=None,
+                        help="export the parameter mean of the checkpoints of these steps")
     args = parser.parse_args(argv)
     try:
-        lines = export(args.run_dir, args.out_dir, args.step, args.dtype, args.overwrite)
+        if (args.average or args.average_steps) and args.step is not None:
+            raise PretrainError("give a STEP or --average / --average-steps, not both")
+        tags = average_tags(args.run_dir, args.average, args.average_steps) if args.average or args.average_steps else None
+        lines = export(args.run_dir, args.out_dir, args.step, args.dtype, args.overwrite, tags)
     except (PretrainError, OSError) as exc:  # OSError: a full disk, a read-only OUT_DIR
         print(f"xlmr-export: error: {exc}", file=sys.stderr)
         sys.exit(2)

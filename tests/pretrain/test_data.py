@@ -255,15 +255,22 @@ def test_resume_locates_shard_and_offset_from_counts(data):
         assert locate(language_shards, first.samples + second.samples, seed=0, slot=3, num_slots=4) == (2, 0)
 
 
-def test_changing_ranks_and_workers_neither_repeats_nor_skips_a_sample(data, train):
+# Phase boundaries inside the first two generations below (micro-batches 0-30, 30-60; 1 per step).
+PHASES = [{"until_step": 20, "alpha": 1.0, "languages": ["de", "en", "fr", "ru"]}, {"until_step": 45, "alpha": 0.3},
+          {"alpha": 0.7, "languages": ["en", "es", "ja", "ru"]}]
+
+
+@pytest.mark.parametrize("phases", [[], PHASES], ids=["one-mixture", "phases"])
+def test_changing_ranks_and_workers_neither_repeats_nor_skips_a_sample(data, train, phases):
     """2 ranks x 2 workers -> 1 rank x 2 workers -> 4 ranks x 1 worker (and other micro
-    batches), each carrying the data position over: every shard is read in its own order from
+    batches), each carrying the data position over (with phases: across phase changes inside
+    the generations, each micro-batch drawn only from its step's languages): every shard is read in its own order from
     its first sample on, without gaps or repeats, and at the end at most one shard per slot of
     the last layout is left partly read (a skipped rest would stay partly read forever).
     Checked on the languages with at least 8 shards, which stay within their first epoch
     (with fewer shards than slots, consecutive epochs run side by side: see dealing.py)."""
     data_dir, manifest, samples = data
-    base = DataConfig(alpha=0.5, shuffle_block=1)  # shard order = tar order: prefixes are checkable
+    base = DataConfig(alpha=0.5, shuffle_block=1, phases=phases)  # shard order = tar order: prefixes are checkable
     generations = [(2, 2, 8, 30), (1, 2, 16, 30), (4, 1, 4, 30)]  # ranks, workers, micro batch, micro-batches per rank
     consumed, plan, keys = 0, None, defaultdict(list)  # shard path -> keys read from it
     shard_of = {key: path for rows in samples.values() for path, _, key, _ in rows}
@@ -275,8 +282,11 @@ def test_changing_ranks_and_workers_neither_repeats_nor_skips_a_sample(data, tra
         for rank in range(world):
             loader = build_train_loader(data_dir, manifest, cfg, rank, world, micro, consumed, plan)
             plan = loader.dataset.plan
-            for batch in take(loader, batches):
+            for i, batch in enumerate(take(loader, batches)):
                 check_rows(batch, manifest, train)
+                step = consumed + i
+                allowed = next((p.get("languages") for p in phases if step < p.get("until_step", math.inf)), None)
+                assert allowed is None or {train[key][0] for key in batch["keys"]} <= set(allowed), (step, allowed)
                 for key in batch["keys"]:
                     keys[shard_of[key]].append(key)
         consumed += batches
