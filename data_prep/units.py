@@ -46,7 +46,7 @@ def run_units(layout: Layout, stage: str, units: List[Unit], work: Callable, *, 
     deal = sorted(units, key=lambda u: (-u.size, u.name))[task.index::task.count]
     todo = [u for u in deal if u.name not in results]
     if units:
-        log.info("%s: %d units, %d done before, %d to do in this task", stage, len(units), len(results), len(todo))
+        log.info("%s: %d units, %d done before, %d to do in this task", desc or stage, len(units), len(results), len(todo))
 
     for index, (result, outputs) in parallel.iter_jobs(
         _indexed(work), list(enumerate(u.job for u in todo)), workers=workers, desc=desc or stage,
