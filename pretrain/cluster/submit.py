@@ -3,8 +3,8 @@
     xlmr-submit input_dir=/data/cc100 output_dir=/data/xlmr run_dir=/runs/base model=base \\
         slurm.partition=gpu slurm.nodes=4 slurm.ntasks_per_node=8 slurm.gpus_per_node=8
 
-submits slurm/prep_clean.sbatch (a job array) -> slurm/prep_dedup.sbatch (a job array) ->
-slurm/prep_vocab.sbatch -> slurm/prep_encode.sbatch (a job array) -> slurm/prep_merge.sbatch
+submits slurm/prep_clean.sbatch, prep_dedup.sbatch and prep_apply.sbatch (three job arrays)
+-> slurm/prep_vocab.sbatch -> slurm/prep_encode.sbatch (a job array) -> slurm/prep_merge.sbatch
 -> slurm/pretrain.sbatch, each `--dependency=afterok:` on the one before, and prints the job
 ids. Resources come from this command's config (conf/submit.yaml,
 schema `SubmitConfig` below), never from editing the scripts: sbatch's command-line options
@@ -32,9 +32,9 @@ from omegaconf import DictConfig, OmegaConf
 REPO = Path(__file__).resolve().parents[2]
 CONF_DIR = str(REPO / "conf")
 SCRIPTS = REPO / "slurm"
-JOBS = ("clean", "dedup", "vocab", "encode", "merge", "pretrain")
-PREP_JOBS = JOBS[:5]
-ARRAYS = {"clean": "clean_tasks", "dedup": "dedup_tasks", "encode": "encode_tasks"}  # job: its array size key
+JOBS = ("clean", "dedup", "apply", "vocab", "encode", "merge", "pretrain")
+PREP_JOBS = JOBS[:6]
+ARRAYS = {"clean": "clean_tasks", "dedup": "dedup_tasks", "apply": "apply_tasks", "encode": "encode_tasks"}  # job: its array size key
 
 
 @dataclass
@@ -42,6 +42,7 @@ class PrepSlurmConfig:
     """Resources of the prep jobs (CPU only); array sizes: see the README's cluster workflow."""
     clean_tasks: int = 16        # array tasks of the clean job (each gets a share of the clean parts)
     dedup_tasks: int = 4         # array tasks of the dedup job (each gets a share of the buckets)
+    apply_tasks: int = 16        # array tasks of the apply job (each filters a share of the clean parts)
     encode_tasks: int = 4        # array tasks of the encode job (each gets a share of the chunks)
     cpus_per_task: int = 8       # also xlmr-prep's workers
     time: str = "04:00:00"
@@ -115,7 +116,7 @@ def route_overrides(overrides: list[str]) -> tuple[list[str], list[str], str, st
     fixed = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("stages", "task.index", "task.count")]
     if fixed:
         raise SubmitError(f"{fixed}: the jobs set the prep stages and array tasks themselves "
-                          "(choose jobs with jobs=[...], the array sizes with slurm.prep.clean_tasks=, dedup_tasks=, encode_tasks=)")
+                          "(choose jobs with jobs=[...], the array sizes with slurm.prep.clean_tasks=, dedup_tasks=, apply_tasks=, encode_tasks=)")
     prep, pretrain = [], []
     for override in overrides:
         errors = []
@@ -153,7 +154,7 @@ def sbatch_commands(cfg: SubmitConfig, prep: list[str], pretrain: list[str], out
     if unknown:
         raise SubmitError(f"jobs={list(cfg.jobs)}: unknown {unknown}; choose from {list(JOBS)}")
     if s.nodes < 1 or s.ntasks_per_node < 1 or s.gpus_per_node < 0 or min(getattr(p, k) for k in ARRAYS.values()) < 1:
-        raise SubmitError("slurm.nodes, slurm.ntasks_per_node and slurm.prep.{clean,dedup,encode}_tasks must be >= 1, "
+        raise SubmitError("slurm.nodes, slurm.ntasks_per_node and slurm.prep.{clean,dedup,apply,encode}_tasks must be >= 1, "
                           "slurm.gpus_per_node >= 0")
     if s.gpus_per_node and s.ntasks_per_node != s.gpus_per_node:
         raise SubmitError(f"one task per GPU: slurm.ntasks_per_node={s.ntasks_per_node} but "
