@@ -1,4 +1,4 @@
-"""Stage 2, dedup: exact line dedup of each language in bounded memory, then its clean text.
+"""Stage 1b, dedup: exact line dedup of each language in bounded memory, then its clean text.
 
 As CCNet and datatrove do at scale, a language's line keys (8-byte hashes, see
 clean.dedup_key) are never held in one set. The clean parts wrote their keys sorted

@@ -1,10 +1,10 @@
 """Stage 3+4, encode, pack and shard: every language through the shared vocabulary.
 
 A language's clean parts are cut into chunks of about pack.chunk_mb at document boundaries
-(each part's index, written by the dedup stage), and chunks are encoded in parallel processes. Each chunk streams
-its documents through SentencePiece in batches, splits them into train and held-out
-validation documents, packs each split (`packing.py`) and writes its own shards
-(`shards.py`): shards/LANG/{train,valid}-CHUNK-PART.tar. A chunk's marker, written after its
+(each part's index, written by the dedup stage), and chunks are encoded in parallel
+processes. Each chunk streams its documents through SentencePiece in batches, splits them
+into train and held-out validation documents, packs each split (`packing.py`) and writes its
+own shards (`shards.py`): shards/LANG/{train,valid}-CHUNK-PART.tar. A chunk's marker, written after its
 shards, makes it complete; a rerun redoes only chunks without one.
 
 Validation documents are drawn per language: k = clamp(round(split.valid_fraction * docs),
@@ -75,7 +75,8 @@ def plan_language_chunks(parts: List[Dict], chunk_bytes: int) -> List[Tuple[str,
     language-wide."""
     chunks, docs = [], 0
     for part in parts:
-        chunks += [(part["path"], start, end, docs + first) for start, end, first in plan_chunks(part["index"], part["bytes"], chunk_bytes)]
+        for start, end, first in plan_chunks(part["index"], part["bytes"], chunk_bytes):
+            chunks.append((part["path"], start, end, docs + first))
         docs += part["docs"]
     return chunks
 
