@@ -11,9 +11,11 @@ Per line, in this order (each drop counted per language):
 Normalization: Unicode NFC, control characters removed, every run of Unicode whitespace
 collapsed to one space, ends stripped. A document left with no line is dropped (empty_docs).
 
-Record files (JSONL/parquet) are first routed into per-language CC100-layout files, one unit
-per file. Every language's files are then cut into parts of about clean.chunk_mb at document
-boundaries (ranges.py; a compressed file is one part), and each part is a unit: it writes
+Record files (JSONL/parquet) are first routed into per-language CC100-layout files, and a
+compressed file bigger than clean.chunk_mb is decompressed once into uncompressed pieces (one
+unit per file each). Every language's files are then cut into parts of about clean.chunk_mb
+at document boundaries (ranges.py; a small compressed file is one part), and each part is a
+unit: it writes
 filtered/LANG/PART.txt (its filtered, normalized documents) and, for the dedup stage,
 filtered/LANG/PART.hashes.npy (each kept line's dedup key and line number, sorted by key).
 """
@@ -33,8 +35,8 @@ import numpy as np
 from . import parallel
 from .atomic import atomic_open
 from .config import CleanConfig, TaskConfig
-from .inputs import Source, iter_documents, iter_records
-from .ranges import Range, plan_ranges, read_range_lines
+from .inputs import Source, iter_documents, iter_records, open_binary
+from .ranges import COMPRESSED, Range, plan_ranges, read_range_lines
 from .state import Layout, file_identity, fingerprint
 from .units import Unit, run_units
 
@@ -165,6 +167,47 @@ def routed_path(routed: Path, lang: str, source: Path) -> Path:
     return routed / lang / f"{source.name}.txt"
 
 
+@dataclass(frozen=True)
+class SplitJob:
+    source: Path  # a compressed CC100-layout file
+    out_dir: Path  # routed/LANG; pieces land in routed/LANG/<source name>.PIECE.txt
+    chunk_bytes: int
+    max_line_bytes: int
+
+
+def split_compressed(job: SplitJob) -> Tuple[Dict, List[Path]]:
+    """Decompress a big compressed file once into uncompressed pieces of about chunk_bytes,
+    each ending on a document boundary (after a blank line, as iter_documents sees it), so
+    that its text is cleaned in parallel parts like an uncompressed file's. The bytes are
+    copied unchanged: the pieces in order are the decompressed file."""
+    pieces: List[Path] = []
+    with open_binary(job.source) as stream:
+        while True:
+            path = job.out_dir / f"{job.source.name}.{len(pieces):05d}.txt"
+            with atomic_open(path, "wb") as out:
+                more = _copy_piece(stream, out, job.chunk_bytes, job.max_line_bytes)
+            pieces.append(path)
+            if not more:
+                break
+    return {"source": job.source.name, "pieces": [p.name for p in pieces]}, pieces
+
+
+def _copy_piece(stream, out, chunk_bytes: int, max_line_bytes: int) -> bool:
+    """Copy lines until chunk_bytes are written and a blank line ends; False at the end of the stream."""
+    written, line_bytes, blank = 0, 0, True
+    while piece := stream.readline(1 << 20):
+        out.write(piece)
+        written += len(piece)
+        line_bytes += len(piece)
+        blank = blank and not piece.strip()
+        parallel.advance(len(piece))
+        if piece.endswith(b"\n"):
+            if blank and line_bytes <= max_line_bytes + 1 and written >= chunk_bytes:
+                return True
+            line_bytes, blank = 0, True
+    return False
+
+
 def run_clean(inventory, cfg: CleanConfig, layout: Layout, workers: int, progress: bool = True,
               allowed: bool = True, task: TaskConfig = TaskConfig()) -> Optional[Dict[str, Dict]]:
     """Route record files, then clean every language's parts (this array task's share).
@@ -183,11 +226,24 @@ def run_clean(inventory, cfg: CleanConfig, layout: Layout, workers: int, progres
         for lang in routed[src.path.name]["langs"]:
             sources.setdefault(lang, []).append(routed_path(layout.routed, lang, src.path))
 
-    units, part_fps = [], {}
+    # A compressed file bigger than a part is decompressed once into pieces (one unit per file).
     chunk_bytes = max(1, int(cfg.chunk_mb * 1e6))
+    splits = [Unit(f"{path.name}.split", fingerprint({"source": file_identity(path), "chunk_mb": cfg.chunk_mb,
+                                                      "max_line_chars": cfg.max_line_chars}),
+                   SplitJob(path, layout.routed / lang, chunk_bytes, 4 * cfg.max_line_chars), path.stat().st_size)
+              for lang, paths in sources.items() for path in paths
+              if path.suffix in COMPRESSED and path.stat().st_size > chunk_bytes]
+    split = run_units(layout, "route", splits, split_compressed, workers=workers, task=task, progress=progress,
+                      allowed=allowed, desc="split compressed")
+    if split is None:
+        return None
+    pieces = {unit.job.source: [unit.job.out_dir / name for name in split[unit.name]["pieces"]] for unit in splits}
+
+    units, part_fps = [], {}
     for lang in sorted(sources):
         part = 0
-        for path in sorted(sources[lang]):  # the corpus order: files by path, ranges by offset
+        # The corpus order: files by path (a split file's pieces in its place), ranges by offset.
+        for path in (piece for source in sorted(sources[lang]) for piece in pieces.get(source, [source])):
             identity = file_identity(path)
             for rng in plan_ranges(path, chunk_bytes, 4 * cfg.max_line_chars):
                 fp = fingerprint({"input": identity, "range": rng, "clean": vars(cfg)})
