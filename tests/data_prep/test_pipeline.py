@@ -7,6 +7,7 @@ import time
 
 from tests.conftest import REPO, run_prep
 from tests.data_prep.corpus import SMALL_ARGS, cc100_text, sample_docs, small_corpus
+from tests.data_prep.test_shards import check_shard_sizes
 
 
 def prep(inp, out, *extra, check=True):
@@ -169,11 +170,14 @@ def test_full_disk_is_a_clear_error_and_rerun_resumes(tmp_path):
 
 
 def test_stages_as_separate_jobs_and_an_encode_array(tmp_path):
-    """The SLURM layout: vocab job, encode job array, merge job; equal to one plain run."""
+    """The SLURM layout: vocab job, encode job array, merge job; equal to one plain run with
+    one or two workers. Many encode chunks per language, yet shards of the target size."""
     inp = small_corpus(tmp_path / "in")
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    prep(inp, whole, "pack.chunk_mb=0.01")
-    jobs = lambda *a: prep(inp, split, "pack.chunk_mb=0.01", *a, check=False)  # noqa: E731
+    many_chunks = ["pack.chunk_mb=0.01", "clean.index_every_mb=0.002"]
+    whole, two, split = tmp_path / "whole", tmp_path / "two", tmp_path / "split"
+    prep(inp, whole, *many_chunks, "workers=1")
+    prep(inp, two, *many_chunks, "workers=2")
+    jobs = lambda *a: prep(inp, split, *many_chunks, *a, check=False)  # noqa: E731
     assert_clear_error(jobs("stages=[manifest,report]"), "stage 'clean' is not complete")
     assert jobs("stages=[clean,vocab]").returncode == 0
     assert_clear_error(jobs("stages=[manifest,report]"), "stage 'encode' is not complete")
@@ -182,8 +186,13 @@ def test_stages_as_separate_jobs_and_an_encode_array(tmp_path):
     assert_clear_error(jobs("stages=[manifest,report]"), "stage 'encode' is not complete")
     for index in (0, 2):
         assert jobs("stages=[encode]", f"task.index={index}", "task.count=3").returncode == 0
+    assert not list(split.glob("shards/*/*-merged-*.tar"))  # array tasks leave the merges to the merge job
     assert jobs("stages=[manifest,report]").returncode == 0
     got, expected = manifest_of(split), manifest_of(whole)
-    assert len(got["shards"]) > 3
+    for lang in got["languages"]:
+        assert len(list(split.glob(f"state/encode/{lang}/[0-9]*.json"))) >= 2, "several encode chunks per language"
+    assert check_shard_sizes(got) >= 4
     assert [(s["path"], s["sha256"]) for s in got["shards"]] == [(s["path"], s["sha256"]) for s in expected["shards"]]
+    assert [(s["path"], s["sha256"]) for s in manifest_of(two)["shards"]] == [(s["path"], s["sha256"]) for s in expected["shards"]]
+    assert not list(split.glob("shards/*/staged"))  # merged, then removed
     assert_clear_error(jobs("stages=[encode]", "task.index=3", "task.count=3"), "task.index must be in")
