@@ -6,8 +6,8 @@ words of a real corpus, by default the English manual pages), and runs the real 
 on each, and on the manpages corpus itself, one stage at a time (`stages=[STAGE]`, for every
 stage of data_prep.config.STAGES in order), with each `workers` count. Per stage it records
 the wall time and the peak RSS of every process of the stage's process tree (VmHWM from
-/proc, polled; the largest also from wait4's rusage, which covers processes that ended between
-polls), and throughput per process: MB of input text for the stages before encode (clean, and
+/proc, polled every poll_s: a process that lives shorter than that can be missed), and
+throughput per process: MB of input text for the stages before encode (clean, and
 dedup where the prep has it), MB of cleaned text from encode on.
 
 Generated lines are unique by construction, also after the clean stage's dedup normalization
@@ -125,7 +125,7 @@ def run_measured(argv: List[str], poll_s: float, log: Path) -> Dict:
         while True:
             for pid in _tree(proc.pid):
                 peaks[pid] = max(peaks.get(pid, 0), _hwm_kb(pid))
-            done, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            done, status = os.waitpid(proc.pid, os.WNOHANG)
             if done:
                 break
             time.sleep(poll_s)
@@ -134,8 +134,9 @@ def run_measured(argv: List[str], poll_s: float, log: Path) -> Dict:
     if code != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({code}); see {log}")
     rss = [kb for kb in peaks.values() if kb]
-    return {"seconds": round(seconds, 2), "processes": len(rss),
-            "peak_rss_mb": round(max([*rss, usage.ru_maxrss]) / 1024, 1),  # the largest process (ru_maxrss: KiB)
+    # Not wait4's ru_maxrss: Linux carries a process's high-water mark across exec, so it would
+    # count this (big) benchmark process, of which the prep is a fork.
+    return {"seconds": round(seconds, 2), "processes": len(rss), "peak_rss_mb": round(max(rss) / 1024, 1),
             "peak_rss_mb_each": sorted((round(kb / 1024, 1) for kb in rss), reverse=True)}
 
 

@@ -73,7 +73,7 @@ class TrainStream(IterableDataset):
         self.data_dir, index = data_dir, shard_index(data_dir, manifest)
         self.sequences: dict[str, ShardSequence] = {}
         self.skipped_shards: list[Shard] = []  # found unusable by this process so far
-        self._usable: dict[Path, bool] = {}
+        self._usable: dict[Shard, bool] = {}
         self._readable_langs: set[str] = set()
         for lang in self.mixed:
             if (lang, "train") not in index:
@@ -91,10 +91,10 @@ class TrainStream(IterableDataset):
         return lambda position: sequence[position].samples if self._usable_shard(sequence[position]) else 0
 
     def _usable_shard(self, shard: Shard) -> bool:
-        usable = self._usable.get(shard.path)
+        usable = self._usable.get(shard)
         if usable is None:
             problem = shard_problem(shard)
-            usable = self._usable[shard.path] = problem is None
+            usable = self._usable[shard] = problem is None
             if problem:
                 warn_skipped(shard, problem)
                 self.skipped_shards.append(shard)

@@ -21,13 +21,19 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class Shard:
-    """One shard file as the manifest describes it (path made absolute)."""
+    """One shard file as the manifest describes it."""
 
-    path: Path
+    root: Path  # the data dir
+    name: str  # the manifest's path, relative to the data dir
     lang: str
     split: str
     samples: int
     bytes: int
+
+    @property
+    def path(self) -> Path:
+        """Made when needed: building 100k Paths up front costs seconds (pathlib parsing)."""
+        return self.root / self.name
 
 
 def load_manifest(data_dir: str | Path) -> dict[str, Any]:
@@ -80,7 +86,7 @@ def shard_index(data_dir: str | Path, manifest: dict[str, Any]) -> dict[tuple[st
     for s in manifest["shards"]:
         if s["samples"] > 0:
             index.setdefault((s["lang"], s["split"]), []).append(
-                Shard(root / s["path"], s["lang"], s["split"], int(s["samples"]), int(s["bytes"])))
+                Shard(root, s["path"], s["lang"], s["split"], int(s["samples"]), int(s["bytes"])))
     return index
 
 
