@@ -7,7 +7,7 @@ on each, and on the manpages corpus itself, one stage at a time (`stages=[STAGE]
 stage of data_prep.config.STAGES in order), with each `workers` count. Per stage it records
 the wall time and the peak RSS of every process of the stage's process tree (VmHWM from
 /proc, polled every poll_s: a process that lives shorter than that can be missed), and
-throughput per process: MB of input text for the stages before encode (clean, and
+throughput per busy process (a pool's workers, or the one process that ran the stage): MB of input text for the stages before encode (clean, and
 dedup where the prep has it), MB of cleaned text from encode on.
 
 Generated lines are unique by construction, also after the clean stage's dedup normalization
@@ -152,7 +152,11 @@ def bench_corpus(name: str, input_dir: Path, input_mb: float, workers: int, cfg:
         row = {"corpus": name, "input_mb": round(input_mb, 1), "workers": workers, "stage": stage,
                **run_measured(argv, cfg.poll_s, out.parent / f"{name}-w{workers}.log")}
         text_mb = input_mb if stage in CLEANING else sum(p.stat().st_size for p in (out / "clean").glob("*.txt")) / 1e6
-        row["mb_per_s_per_process"] = round(text_mb / row["seconds"] / workers, 2)
+        # The processes that did the work: a pool's workers (the parent waits; a stage may run
+        # pools one after the other, each of at most `workers`), or the one process (one language
+        # cleans in one process today, whatever `workers`).
+        row["busy_processes"] = min(workers, max(1, row["processes"] - 1))
+        row["mb_per_s_per_process"] = round(text_mb / row["seconds"] / row["busy_processes"], 2)
         rows.append(row)
         print(f"{name:>14} {workers} proc {stage:>9} {row['seconds']:8.1f} s  peak RSS {row['peak_rss_mb']:7.1f} MB"
               f" ({row['processes']} processes)  {row['mb_per_s_per_process']:6.2f} MB/s/proc", flush=True)
@@ -170,10 +174,10 @@ def summarize(rows: List[Dict]) -> List[Dict]:
     out = []
     for (corpus, workers), rs in runs.items():
         by = {r["stage"]: r for r in rs}
-        clean_s = sum(by[s]["seconds"] for s in CLEANING)
+        clean_s = sum(by[s]["seconds"] * by[s]["busy_processes"] for s in CLEANING)  # process-seconds
         input_mb = rs[0]["input_mb"]
         encode = by["encode"]
-        clean_rate = input_mb / clean_s / workers
+        clean_rate = input_mb / clean_s
         out.append({"corpus": corpus, "workers": workers, "total_s": round(sum(r["seconds"] for r in rs), 1),
                     "clean_dedup_mb_per_s_per_process": round(clean_rate, 2),
                     "encode_mb_per_s_per_process": encode["mb_per_s_per_process"],
