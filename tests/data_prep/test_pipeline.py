@@ -187,6 +187,10 @@ def test_stages_as_separate_jobs_and_an_encode_array(tmp_path):
     for index in (0, 2):
         assert jobs("stages=[encode]", f"task.index={index}", "task.count=3").returncode == 0
     assert not list(split.glob("shards/*/*-merged-*.tar"))  # array tasks leave the merges to the merge job
+    assert len(list(split.glob("shards/*/staged/*.tar"))) >= 4  # every language's leftovers, waiting
+    # What a merge killed midway leaves: a temp file, a shard of a wrong size without a marker.
+    (split / "shards/en/train-merged-000.tar").write_bytes(b"half a shard")
+    (split / "shards/en/train-merged.tar.tmp-4242").write_bytes(b"partial")
     assert jobs("stages=[manifest,report]").returncode == 0
     got, expected = manifest_of(split), manifest_of(whole)
     for lang in got["languages"]:
@@ -194,5 +198,5 @@ def test_stages_as_separate_jobs_and_an_encode_array(tmp_path):
     assert check_shard_sizes(got) >= 4
     assert [(s["path"], s["sha256"]) for s in got["shards"]] == [(s["path"], s["sha256"]) for s in expected["shards"]]
     assert [(s["path"], s["sha256"]) for s in manifest_of(two)["shards"]] == [(s["path"], s["sha256"]) for s in expected["shards"]]
-    assert not list(split.glob("shards/*/staged"))  # merged, then removed
+    assert not list(split.glob("shards/*/staged")) and not list(split.rglob("*.tmp-*"))  # merged, then removed
     assert_clear_error(jobs("stages=[encode]", "task.index=3", "task.count=3"), "task.index must be in")
