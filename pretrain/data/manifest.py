@@ -28,6 +28,7 @@ class Shard:
     split: str
     samples: int
     bytes: int
+    sha256: str | None = None  # of the whole file, as xlmr-prep wrote it
 
 
 def load_manifest(data_dir: str | Path) -> dict[str, Any]:
@@ -43,7 +44,14 @@ def load_manifest(data_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         state = "is empty" if not any(data_dir.iterdir()) else "has no manifest.json (the prep writes it last, so it did not finish)"
         raise FileNotFoundError(f"data dir {data_dir} {state}: run xlmr-prep first")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is damaged ({exc}): restore it from a copy, or rebuild it with "
+                         f"xlmr-prep output_dir={data_dir} force=manifest") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} is not a manifest (a JSON object): rebuild it with "
+                         f"xlmr-prep output_dir={data_dir} force=manifest")
     found = (manifest.get("format"), manifest.get("format_version"))
     if found != (FORMAT, FORMAT_VERSION):
         raise ValueError(
@@ -75,7 +83,7 @@ def mixing_probs(manifest: dict[str, Any], alpha: float) -> dict[str, float]:
 def shards(data_dir: str | Path, manifest: dict[str, Any], lang: str, split: str) -> list[Shard]:
     """The shards of one language and split, in manifest order."""
     return [
-        Shard(Path(data_dir) / s["path"], s["lang"], s["split"], int(s["samples"]), int(s["bytes"]))
+        Shard(Path(data_dir) / s["path"], s["lang"], s["split"], int(s["samples"]), int(s["bytes"]), s.get("sha256"))
         for s in manifest["shards"]
         if s["lang"] == lang and s["split"] == split and s["samples"] > 0
     ]

@@ -37,6 +37,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -44,7 +45,9 @@ from typing import Optional, Union
 import torch
 
 from data_prep.state import sha256_file
-from pretrain.checkpoint import CHECKPOINTS, MARKER, PARTIAL, VOCAB_FILE, complete_checkpoints, read_meta, tag_for
+from pretrain.checkpoint import (
+    CHECKPOINTS, MARKER, PARTIAL, VOCAB_FILE, complete_checkpoints, damage, read_meta, tag_for,
+)
 from pretrain.config import PretrainError
 from pretrain.interop.hf_convert import from_hf_state_dict, model_config_from_hf
 from pretrain.model import XLMR, ModelConfig
@@ -78,20 +81,31 @@ def resolve_tag(path: Union[str, Path], step: Optional[int] = None) -> Path:
         if step is not None and path.name != tag_for(step):
             raise PretrainError(f"{path} is the checkpoint {path.name}, not step {step}: give its run dir to pick a step")
         _check_complete(path)
-        return path
+        return _undamaged(path)
     ckpt_dir = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
     found = complete_checkpoints(ckpt_dir)
     if step is None:
-        if not found:
-            raise PretrainError(f"no complete checkpoint in {ckpt_dir} (a checkpoint is a step_* dir holding {MARKER})")
-        return found[-1]
+        for tag in reversed(found):
+            why = damage(tag)
+            if why is None:
+                return tag
+            print(f"skipping damaged checkpoint {tag}: {why}", file=sys.stderr)
+        raise PretrainError(f"no complete, undamaged checkpoint in {ckpt_dir} (a checkpoint is a step_* dir holding "
+                            f"{MARKER})")
     tag = ckpt_dir / tag_for(step)
     if tag in found:
-        return tag
+        return _undamaged(tag)
     if tag.is_dir() or tag.with_name(tag.name + PARTIAL).is_dir():
         _check_complete(tag)
     available = ", ".join(str(read_meta(t).get("step", t.name)) for t in found) or "none"
     raise PretrainError(f"no checkpoint of step {step} in {ckpt_dir}; complete checkpoints: steps {available}")
+
+
+def _undamaged(tag: Path) -> Path:
+    why = damage(tag)
+    if why is not None:
+        raise PretrainError(f"the checkpoint {tag} is damaged: {why}; use another step")
+    return tag
 
 
 def _check_complete(tag: Path) -> None:
