@@ -244,8 +244,18 @@ def _vocabulary(tag: Path, meta: dict) -> Path:
     return spm_model
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PretrainError(f"{path} is damaged (not JSON: {exc}): export or download the model again") from None
+    if not isinstance(value, dict):
+        raise PretrainError(f"{path} is damaged (not a JSON object): export or download the model again")
+    return value
+
+
 def _load_hf(path: Path) -> LoadedModel:
-    config = json.loads((path / HF_CONFIG).read_text(encoding="utf-8"))
+    config = _read_json(path / HF_CONFIG)
     try:
         cfg = model_config_from_hf(config)
     except ValueError as exc:
@@ -267,12 +277,17 @@ def _load_hf(path: Path) -> LoadedModel:
     weights = next((path / name for name in HF_WEIGHTS if (path / name).is_file()), None)
     if weights is None:
         raise PretrainError(f"{path} has no {' or '.join(HF_WEIGHTS)}")
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        hf_state = load_file(weights)
-    else:
-        hf_state = torch.load(weights, map_location="cpu", mmap=True, weights_only=True)
+            hf_state = load_file(weights)
+        else:
+            hf_state = torch.load(weights, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # noqa: BLE001: safetensors' and torch's errors for a cut or foreign file
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise PretrainError(f"{weights} is damaged or not a weights file ({first[:200]}): export or download the "
+                            "model again") from None
     try:
         state = from_hf_state_dict(hf_state)
     except KeyError as exc:
@@ -280,7 +295,7 @@ def _load_hf(path: Path) -> LoadedModel:
     del hf_state  # the q/k/v parts were copied into our fused qkv; everything else is shared
     model = _build(cfg, state, weights)
     provenance = path / PROVENANCE  # our own export knows its step and data
-    info = json.loads(provenance.read_text(encoding="utf-8")) if provenance.is_file() else {}
+    info = _read_json(provenance) if provenance.is_file() else {}
     return LoadedModel(model, cfg, spm_model, info.get("step"), info.get("data_dir"), f"Hugging Face model {path}")
 
 
