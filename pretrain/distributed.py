@@ -35,6 +35,12 @@ class DistEnv:
     device: torch.device
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def rendezvous_env(env) -> dict[str, str]:
     """What init_distributed adds to the environment (see its docstring): nothing under
     torchrun, an srun task's variables, or a single process's."""
