@@ -378,3 +378,25 @@ def test_shard_damaged_while_training_fails_in_one_line_or_is_skipped_exactly(pr
     final = pretrain_run(data, failed, *common, *skip)
     assert "resuming from step 4" in final.stdout and "skipped damaged shard" not in final.stdout
     assert records(failed) == records(tmp_path / "reference")
+
+
+# ---- one rendezvous rule ------------------------------------------------------------------
+
+
+def test_one_rendezvous_rule_for_every_launch_path():
+    import socket
+
+    from pretrain.distributed import rendezvous_env
+
+    assert rendezvous_env({"RANK": "3", "WORLD_SIZE": "8", "MASTER_PORT": "29500"}) == {}  # torchrun's own
+    with socket.socket() as taken:  # a shell's MASTER_PORT in use by another run on this node
+        taken.bind(("127.0.0.1", 0))
+        port = str(taken.getsockname()[1])
+        single = rendezvous_env({"MASTER_PORT": port})
+        assert (single["RANK"], single["WORLD_SIZE"]) == ("0", "1") and single["MASTER_PORT"] != port
+    srun = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "node7",
+            "SLURM_JOB_ID": "4242"}
+    # Direct srun takes the launch path's port: 20000 + (job * 7 + restart * 1009) % 20000.
+    assert rendezvous_env(srun)["MASTER_PORT"] == "29694"
+    assert rendezvous_env({**srun, "SLURM_RESTART_COUNT": "1"})["MASTER_PORT"] == "30703"
+    assert rendezvous_env(srun)["RANK"] == "1" and rendezvous_env(srun)["MASTER_ADDR"] == "node7"
