@@ -2,7 +2,7 @@
 configured (offline by default). Also the FLOPs-per-token estimate behind MFU.
 
 metrics.jsonl holds one JSON object per logged step: "step", "loss", "accuracy", "lr",
-"grad_norm", "tokens_per_s", "samples_per_s", "data_wait_s", "skipped_steps", "tokens_seen",
+"grad_norm", "tokens_per_s", "samples_per_s", "data_wait_s", "skipped_steps", "tokens_seen", "damaged_shards",
 "lang_loss/<lang>", the schedules' "phase", "alpha", "languages_in_play", "mask_prob",
 "masked_fraction", "lang_share/<lang>", on GPU "mfu" and "gpu_memory_gb", after a validation pass
 "valid/loss", "valid/accuracy", "valid_lang_loss/<lang>", and after a cross-lingual probe
