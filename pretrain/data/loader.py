@@ -118,18 +118,21 @@ class TrainStream(IterableDataset):
         return str(shard.path.relative_to(self.data_dir))
 
     def _readable(self, shard: Shard) -> bool:
-        """on_damaged_shard=skip: whether to read the shard (checked whole before its first
-        sample, so a damaged one is skipped entirely, the same way on every replay)."""
+        """Whether to read the shard: never one skipped as damaged before; with
+        on_damaged_shard=skip it is checked whole before its first sample, so a damaged one is
+        skipped entirely, the same way on every replay."""
+        name = self._name(shard)
+        if name in self.damaged:  # skipped before this resume: empty for good, in either mode
+            return False
         if self.cfg.on_damaged_shard != "skip":
             return True
-        if self._name(shard) not in self.damaged:
-            try:
-                verify_shard(shard, self.spec)
-                return True
-            except ShardError as exc:
-                self.damaged.add(self._name(shard))
-                self.found_damaged.append([self._name(shard), str(exc)])
-        return False
+        try:
+            verify_shard(shard, self.spec)
+            return True
+        except ShardError as exc:
+            self.damaged.add(name)
+            self.found_damaged.append([name, str(exc)])
+            return False
 
     def _language_stream(self, lang: str, slot: int, consumed: int):
         """This slot's samples of one language, endless, after the first ``consumed``.
