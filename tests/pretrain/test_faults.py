@@ -326,7 +326,7 @@ def test_kill_during_save_and_damaged_marker_resume_from_the_previous_checkpoint
 
 # Steps 1-2 read only German, steps 3 on only English. A damaged English shard is
 # therefore first read after the checkpoint of step 2, whatever the timing.
-PHASES = "data.phases=[{until_step: 2, languages: [de]}, {languages: [en]}]"  # until_step counts from 0
+PHASES = "data.phases=[{until_step: 2, languages: [de]}, {languages: [en]}]"  # until_step: 0-based
 
 
 def _first_english_shard(data: Path) -> str:
