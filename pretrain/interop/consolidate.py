@@ -90,8 +90,9 @@ def resolve_tag(path: Union[str, Path], step: Optional[int] = None) -> Path:
             if why is None:
                 return tag
             print(f"skipping damaged checkpoint {tag}: {why}", file=sys.stderr)
-        raise PretrainError(f"no complete, undamaged checkpoint in {ckpt_dir} (a checkpoint is a step_* dir holding "
-                            f"{MARKER})")
+        if found:
+            raise PretrainError(f"every checkpoint in {ckpt_dir} is damaged (the newest: {damage(found[-1])})")
+        raise PretrainError(f"no complete checkpoint in {ckpt_dir} (a checkpoint is a step_* dir holding {MARKER})")
     tag = ckpt_dir / tag_for(step)
     if tag in found:
         return _undamaged(tag)
