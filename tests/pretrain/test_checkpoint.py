@@ -124,6 +124,12 @@ def test_resume_skips_damaged_tags_and_refuses_a_damaged_path(tmp_path):
         assert "\n" not in str(info.value)
     with pytest.raises(PretrainError, match="checkpoint.json is damaged"):
         checkpoint.read_meta(ckpts / "step_00000004")
+    # xlmr-export and xlmr-eval pick their checkpoint the same way.
+    from pretrain.interop.consolidate import resolve_tag
+
+    assert resolve_tag(tmp_path) == ckpts / "step_00000002"
+    with pytest.raises(PretrainError, match="step_00000003 is damaged: mp_rank_00_model_states.pt has"):
+        resolve_tag(tmp_path, 3)
     # Every tag damaged: no silent fresh start over the run; each is reported, then one line.
     (ckpts / "step_00000002" / "checkpoint.json").write_text("[]")
     (ckpts / "step_00000001" / "mp_rank_00_model_states.pt").unlink()
