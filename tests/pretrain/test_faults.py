@@ -257,6 +257,9 @@ def test_second_trainer_is_refused_and_a_requeued_instance_takes_over(prepared_d
         line = error_line(proc)
         assert f"is in use by another xlmr-pretrain (pid {first.pid} on" in line and "SLURM job 4242" in line
         assert _files(run) == snapshot
+        status = subprocess.run([sys.executable, "-m", "pretrain.cluster.status", str(run)], capture_output=True,
+                                text=True, cwd=REPO, env={**os.environ, **ENV})
+        assert f"running      pid {first.pid} on " in status.stdout and "SLURM job 4242" in status.stdout, status
         # The same SLURM job requeued (its old instance still running): it waits, then takes over.
         requeued = start(prepared_data, run, "trainer.max_steps=6", "trainer.save_every=2",
                          env={"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "1"}, log=tmp_path / "requeued.err")
