@@ -189,7 +189,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not args.run_dir.is_dir():
         print(f"xlmr-status: error: {args.run_dir} is not a directory", file=sys.stderr)
         sys.exit(2)
-    if not (args.run_dir / METRICS).is_file() and not (args.run_dir / CHECKPOINTS).is_dir():
+    if not any((args.run_dir / name).exists() for name in (METRICS, CHECKPOINTS, LOCK_FILE)):
         print(f"xlmr-status: error: {args.run_dir} holds no metrics.jsonl or checkpoints/: "
               "not a run dir of xlmr-pretrain, or the run has not logged yet", file=sys.stderr)
         sys.exit(2)
