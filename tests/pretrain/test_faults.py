@@ -91,7 +91,7 @@ BAD_VALUES = [
     ("deepspeed.micro_batch_size=0", "deepspeed.micro_batch_size"),
     ("deepspeed.gradient_accumulation_steps=0", "deepspeed.gradient_accumulation_steps"),
     ("deepspeed.gradient_clipping=-1", "deepspeed.gradient_clipping"),
-    ("optim.lr=-1", "optim.lr"), ("optim.lr=0", "optim.lr"), ("optim.lr=nan", "optim.lr"), ("optim.lr=inf", "optim.lr"),
+    ("optim.lr=-1", "optim.lr"), ("optim.lr=nan", "optim.lr"), ("optim.lr=inf", "optim.lr"),
     ("optim.betas=[0.9]", "optim.betas"), ("optim.betas=[0.9,1.0]", "optim.betas"), ("optim.eps=0", "optim.eps"),
     ("optim.weight_decay=-0.01", "optim.weight_decay"), ("optim.warmup_steps=-1", "optim.warmup_steps"),
     ("optim.schedule=cosine", "optim.schedule"), ("optim.power=0", "optim.power"), ("optim.end_lr=1.0", "optim.end_lr"),
@@ -136,7 +136,7 @@ def test_bad_value_and_unusable_run_dir_are_one_line_before_training(tmp_path):
     proc = _cli(f"run_dir={tmp_path}/run", "optim.lr=-1", "masking.mask_prob=1.5")
     assert proc.returncode == 2
     line = error_line(proc)
-    assert "optim.lr=-1.0: must be > 0" in line and "masking.mask_prob=1.5" in line
+    assert "optim.lr=-1.0: must be >= 0" in line and "masking.mask_prob=1.5" in line
     assert not (tmp_path / "run" / "checkpoints").exists()
     (tmp_path / "file").write_text("not a dir")
     proc = _cli(f"run_dir={tmp_path}/file")
