@@ -216,12 +216,33 @@ def test_stale_op_build_lock_is_named_and_nothing_is_built(prepared_data, tmp_pa
     # torch's rule for the build dir: TORCH_EXTENSIONS_DIR/<op name> (without it ~/.cache/torch_extensions/pyXY_cpu/)
     build = tmp_path / "ext" / "deepspeed_shm_comm"
     build.mkdir(parents=True)
-    (build / "lock").touch()  # what a builder killed midway leaves: nobody holds it
+    (build / "lock").touch()  # what a builder killed midway leaves: nobody holds it,
+    an_hour_ago = time.time() - 3600  # and nothing changed in the build dir since (another host building would)
+    for path in (build / "lock", build):
+        os.utime(path, (an_hour_ago, an_hour_ago))
     proc = pretrain_run(prepared_data, tmp_path / "run", check=False, env={"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")},
                         timeout=300)
     assert proc.returncode == 2
     assert f"{build / 'lock'} is a stale lock of DeepSpeed's CPU communication op build" in error_line(proc)
     assert sorted(p.name for p in build.iterdir()) == ["lock"]  # no build was started
+
+
+def test_op_build_is_announced_and_a_fresh_unheld_lock_waited_on_with_a_word(tmp_path, monkeypatch):
+    from pretrain.opbuild import check_op_build
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    said = []
+    check_op_build(said.append)  # nothing built here yet
+    assert said == [f"building DeepSpeed's CPU communication op in {tmp_path / 'deepspeed_shm_comm'} "
+                    "(once per machine, 1-6 min)"]
+    (tmp_path / "deepspeed_shm_comm" / "lock").touch()  # fresh: another node on a shared home may be building
+    said.clear()
+    check_op_build(said.append)
+    assert len(said) == 1 and "another host may be building" in said[0]
+    for path in (tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "deepspeed_shm_comm"):
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+    with pytest.raises(PretrainError, match="is a stale lock"):
+        check_op_build(said.append)
 
 
 def test_live_op_builder_is_found_by_its_open_lock(tmp_path):
