@@ -20,7 +20,7 @@ FORMAT = "xlmr-shards"
 FORMAT_VERSION = 1
 
 
-def language_record(clean: Dict, chunks: List[Dict]) -> Dict:
+def language_record(clean: Dict, chunks: List[Dict], shards: List[Dict]) -> Dict:
     rec = {
         "input": {k: clean[k] for k in ("input_docs", "input_lines", "input_bytes")},
         "removed": clean["removed"],
@@ -28,7 +28,7 @@ def language_record(clean: Dict, chunks: List[Dict]) -> Dict:
     }
     for split in SPLITS:
         totals = {k: sum(c["stats"][split][k] for c in chunks) for k in ("docs", "lines", "chars", "tokens", "unk", "sequences")}
-        totals["shards"] = sum(1 for c in chunks for s in c["shards"] if s["split"] == split)
+        totals["shards"] = sum(1 for s in shards if s["split"] == split)
         rec[split] = totals
     stream = sum(c["stats"][s]["stream_tokens"] for c in chunks for s in SPLITS)
     rec["unk_rate"] = sum(rec[s]["unk"] for s in SPLITS) / stream if stream else 0.0
@@ -44,7 +44,7 @@ def dropped_records(layout: Layout, record_files: List[str]) -> Dict:
     by_file = {}
     for name in record_files:
         marker = load_marker(layout.marker("route", name)) or {}
-        stats = marker.get("stats", {})
+        stats = marker.get("result") or {}  # units.py: the route unit's result
         counts = {reason: stats.get(reason, 0) for reason in DROP_REASONS if stats.get(reason)}
         if counts:
             by_file[name] = counts
@@ -53,9 +53,11 @@ def dropped_records(layout: Layout, record_files: List[str]) -> Dict:
 
 
 def build_manifest(layout: Layout, cfg: PrepConfig, clean_stats: Dict[str, Dict], vocab: Dict,
-                   chunks: Dict[str, List[Dict]], excluded: Dict[str, Dict], skipped_files: List[str],
+                   encoded: Dict[str, Dict], excluded: Dict[str, Dict], skipped_files: List[str],
                    dropped: Dict | None = None) -> Dict:
-    shards = [s for lang in sorted(chunks) for c in chunks[lang] for s in c["shards"]]
+    """`encoded`: per language its chunk records and its shards in order (encode.run_encode);
+    `dropped`: dropped_records()."""
+    shards = [s for lang in sorted(encoded) for s in encoded[lang]["shards"]]
     for s in shards:
         path = layout.root / s["path"]
         if not path.exists() or path.stat().st_size != s["bytes"]:
@@ -72,7 +74,8 @@ def build_manifest(layout: Layout, cfg: PrepConfig, clean_stats: Dict[str, Dict]
         "vocab": {k: vocab[k] for k in ("sha256", "spm_model", "size", "spm_size", "special_ids")},
         "sampling": {"alpha": cfg.sampling.alpha, "count": "lines",
                      "languages": {lang: {"p": lines[lang] / total, "q": q[lang]} for lang in sorted(lines)}},
-        "languages": {lang: language_record(clean_stats[lang], chunks[lang]) for lang in sorted(chunks)},
+        "languages": {lang: language_record(clean_stats[lang], encoded[lang]["chunks"], encoded[lang]["shards"])
+                      for lang in sorted(encoded)},
         "excluded_languages": excluded,
         "skipped_files": skipped_files,
         "dropped_records": dropped or {**{reason: 0 for reason in DROP_REASONS}, "by_file": {}},
