@@ -55,7 +55,7 @@ def test_damaged_marker_is_named_and_its_work_redone(tmp_path):
     inp, out = small_corpus(tmp_path / "in"), tmp_path / "out"
     _prep(inp, out)
     before = json.loads((out / "manifest.json").read_text())
-    marker = sorted((out / "state" / "clean").glob("*.json"))[0]
+    marker = sorted((out / "state" / "clean").rglob("*.json"))[0]
     marker.write_text(marker.read_text()[:30])  # cut mid-write
     proc = _prep(inp, out)
     assert f"{marker} is damaged" in proc.stdout + proc.stderr
