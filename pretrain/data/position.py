@@ -10,10 +10,11 @@ one generation of the run: first its `pending` items, then the fresh positions `
 A run keeps its plan while its layout stays (the first plan has nothing pending: slot s reads
 positions s, s + num_slots, ...). A run resumed with another layout calls `carry_over`: it
 replays the old generation's language draws (no I/O) to find how far every old slot got in
-every language, and starts a new generation whose pending items are exactly the unread rest:
-the partly read shards from where they stopped, then the ones never started. No sample is
-read twice or skipped because of the change; only the order of what follows differs from
-a run that kept its layout.
+every language, and starts a new generation whose pending items are exactly the unread rest,
+in the old items' order: the partly read shards from where they stopped, the ones never
+started whole. A new slot can so be dealt several partly read shards, and reads them one
+after another, like any of its items. No sample is read twice or skipped because of the
+change; only the order of what follows differs from a run that kept its layout.
 
 A plan is plain JSON data, saved in every checkpoint's client state:
     {"generation": 0, "start": 0,          # micro-batches per rank consumed before it began
