@@ -38,24 +38,26 @@ def content_mask(tokens: torch.Tensor, cfg=None, generator=None, *, vocab_size: 
 FIXED_DRIVER = """
 import sys
 import pretrain.train as T
+from pretrain.masking import masked_batch
 from tests.pretrain.test_train_distributed import GLOBAL_BATCH, content_mask, fixed_global_batch
 
 GAS = int(next(a for a in sys.argv if a.startswith("deepspeed.gradient_accumulation_steps=")).split("=")[1])
 
 def fixed_loader(data_dir, manifest, cfg, rank, world_size, micro_batch_size, consumed_micro_batches=0, plan=None,
-                 micro_batches_per_step=1):
+                 micro_batches_per_step=1, masking=None):
     assert world_size * GAS * micro_batch_size == GLOBAL_BATCH
     def stream(consumed):
         while True:
             step, k = divmod(consumed, GAS)
             batch = fixed_global_batch(step, manifest["vocab"]["size"], manifest["seq_len"], len(manifest["languages"]))
             rows = slice((rank * GAS + k) * micro_batch_size, (rank * GAS + k + 1) * micro_batch_size)
-            yield {key: value[rows] for key, value in batch.items()}
+            micro = {key: value[rows] for key, value in batch.items()}
+            V = manifest["vocab"]["size"]
+            yield masked_batch(micro, *content_mask(micro["input_ids"], vocab_size=V), pad_id=1)
             consumed += 1
     return stream(consumed_micro_batches)
 
 T.build_train_loader = fixed_loader
-T.mask_batch = content_mask
 from pretrain.cli import main
 main()
 """
