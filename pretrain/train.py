@@ -23,7 +23,8 @@ from pretrain.data import (
 )
 from pretrain.data.phases import Mixture
 from pretrain.distributed import (
-    all_reduce_max, all_reduce_sum, broadcast_object, build_engine, init_distributed, resolve_precision, shutdown_distributed,
+    all_reduce_max, all_reduce_sum, broadcast_object, build_engine, deepspeed_config, init_distributed, resolve_precision,
+    shutdown_distributed,
 )
 from pretrain.evaluation.mlm import evaluate_mlm, summarize
 from pretrain.evaluation.probes import Probes, metrics_record, progress_line
@@ -36,6 +37,7 @@ from pretrain.schedules import mask_prob_at
 
 def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
     check_config(cfg)
+    deepspeed_config(cfg.deepspeed, 1)  # precision and ZeRO choices that cannot work fail here, in one line
     tr, ds = cfg.trainer, cfg.deepspeed
     run_dir = Path(cfg.run_dir)
 
@@ -123,7 +125,8 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
             "zero_stage": ds.zero_stage, "precision": resolve_precision(ds), "languages": langs}
     stop_at = min(tr.max_steps, tr.stop_at_step or tr.max_steps)
     say(f"model {n_params / 1e6:.1f}M parameters ({model_cfg.num_layers} layers x "
-        f"{model_cfg.hidden_size}, vocab {V}); {world} rank(s), ZeRO {ds.zero_stage}, {meta['precision']}; "
+        f"{model_cfg.hidden_size}, vocab {V}); {world} rank(s) ({device.type}, {env.backend}), "
+        f"ZeRO {ds.zero_stage}, {meta['precision']}; "
         f"{world * gas * ds.micro_batch_size} sequences x {seq_len} tokens per step; "
         f"{len(langs)} languages; run dir {run_dir}")
 

@@ -105,3 +105,20 @@ def test_which_resumes_go_through_a_universal_checkpoint():
                               ((2, 3), (1, 2), "use deepspeed.zero_stage=3")):
         with pytest.raises(PretrainError, match=message):
             checkpoint.needs_universal(meta(*old), *new)
+
+
+def test_deepspeed_workarounds_refuse_untested_releases():
+    """checkpoint.DEEPSPEED_TESTED is the range pyproject.toml pins; the resume and bf16-export
+    workarounds run on it and refuse anything else in one line."""
+    import tomllib
+
+    from pretrain.checkpoint import DEEPSPEED_TESTED, require_tested_deepspeed
+
+    deps = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"deepspeed{','.join(DEEPSPEED_TESTED)}" in deps
+    for version in ("0.19.8", "0.19.12"):
+        require_tested_deepspeed(version, "x")
+    for version in ("0.19.7", "0.20.0", "0.18.9", "None"):
+        with pytest.raises(PretrainError) as err:
+            require_tested_deepspeed(version, "resuming a checkpoint")
+        assert "\n" not in str(err.value) and f"not {version}" in str(err.value)
