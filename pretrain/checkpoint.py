@@ -55,6 +55,25 @@ CLIENT_KEYS = ("step", "tokens_seen", "consumed_micro_batches", "skipped_steps",
                "vocab_sha256", "manifest_sha256", "data_plan", "damaged_shards")
 META_KEYS = ("step", "vocab_sha256", "manifest_sha256")  # what resume reads first
 UNIVERSAL = "universal"  # inside a tag: its DeepSpeed universal checkpoint, made on the first resized resume
+# The DeepSpeed releases whose internals the workarounds in load_checkpoint and in
+# interop/consolidate.py (BF16_Optimizer shards) are written for and tested with; pyproject.toml
+# pins the same range. Another release is refused where a workaround would be applied.
+DEEPSPEED_TESTED = (">=0.19.8", "<0.20")
+
+
+def require_tested_deepspeed(version: str, what: str) -> None:
+    """A one-line PretrainError unless DeepSpeed `version` is in DEEPSPEED_TESTED."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    tested = ",".join(DEEPSPEED_TESTED)
+    try:
+        ok = Version(version) in SpecifierSet(tested)
+    except (InvalidVersion, InvalidSpecifier):
+        ok = False
+    if not ok:
+        raise PretrainError(f"{what} relies on DeepSpeed internals tested with deepspeed{tested}, not {version}: "
+                            f"install deepspeed'{tested}' (pyproject.toml pins it)")
 
 
 def tag_for(step: int) -> str:
@@ -298,6 +317,9 @@ def load_checkpoint(engine, tag_dir: Path, rank: int, world_size: int) -> dict:
     # (weight decay on biases and LayerNorms too) and one `step` tensor to every group's state,
     # which AdamW then increments once per group (wrong bias correction from the second group
     # on). Both are put right after the load; on every other path they change nothing.
+    import deepspeed
+
+    require_tested_deepspeed(deepspeed.__version__, "resuming a checkpoint")
     optimizer = engine.optimizer
     torch_optimizer = getattr(optimizer, "optimizer", optimizer)
     made = [(group["params"], group["weight_decay"]) for group in torch_optimizer.param_groups]

@@ -33,6 +33,7 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
+    backend: str  # nccl on GPUs, gloo on the CPU
 
 
 def _free_port() -> int:
@@ -73,7 +74,7 @@ def init_distributed() -> DistEnv:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
 
 def resolve_precision(cfg: DeepSpeedConfig) -> str:
@@ -110,7 +111,24 @@ def deepspeed_config(cfg: DeepSpeedConfig, world_size: int) -> dict:
     }
     if bf16:
         config["data_types"] = {"grad_accum_dtype": "fp32"}
-    return _merge(config, cfg.extra)
+    merged = _merge(config, cfg.extra)
+    _check_extra(merged, config)
+    return merged
+
+
+def _check_extra(merged: dict, config: dict) -> None:
+    """deepspeed.extra may tune DeepSpeed, not change what deepspeed.zero_stage and
+    deepspeed.precision decide: checkpoints record those two, and export, resume and the loss
+    normalization rely on them. Refused at start, in one line."""
+    if (merged.get("fp16") or {}).get("enabled"):
+        raise PretrainError("deepspeed.extra enables fp16: not supported (its loss scaling skips steps the trainer "
+                            "does not count, and export reads fp32 or bf16 masters only): use deepspeed.precision=bf16")
+    for key, name in ((("zero_optimization", "stage"), "deepspeed.zero_stage"),
+                      (("bf16", "enabled"), "deepspeed.precision"),
+                      (("data_types", "grad_accum_dtype"), "deepspeed.precision (bf16 accumulates gradients in fp32)")):
+        ours, theirs = config.get(key[0], {}).get(key[1]), (merged.get(key[0]) or {}).get(key[1])
+        if theirs != ours:
+            raise PretrainError(f"deepspeed.extra sets {'.'.join(key)}={theirs!r}: set {name} instead")
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -131,3 +131,56 @@ def mask_batch(
     input_ids = torch.where(to_mask, mask_id, torch.where(to_random, random_ids, tokens))
     labels = torch.where(selected, tokens, IGNORE_INDEX)
     return input_ids, labels
+
+
+# The masked positions a micro-batch hands the model are padded (with -1) to a multiple of
+# this: few distinct shapes, so torch.compile compiles few graphs.
+POSITION_BUCKET = 128
+
+
+@dataclass
+class TrainMasking:
+    """The masks of a rank's training micro-batches, made where the batches are made (in the
+    loader workers). Micro-batch `index` (counted over the run, as `consumed_micro_batches`)
+    belongs to step first_step + (index - first_index) // micro_batches_per_step, and its
+    mask comes from masking_generator(seed, that step, rank, its place in the step): the same
+    function of the training position as before, so a resumed run masks alike."""
+
+    cfg: MaskingConfig
+    seed: int
+    rank: int
+    vocab_size: int
+    micro_batches_per_step: int
+    max_steps: int  # the masking-rate schedule's default end
+    first_step: int = 0
+    first_index: int = 0  # consumed_micro_batches when the loader was made (at first_step)
+    word_start: Optional[torch.Tensor] = None
+    pad_id: int = 1
+
+    def step_of(self, index: int) -> tuple[int, int]:
+        """(step, micro-batch within the step) of micro-batch `index`."""
+        steps, micro = divmod(index - self.first_index, self.micro_batches_per_step)
+        return self.first_step + steps, micro
+
+    def __call__(self, batch: dict, index: int, mask_prob: float) -> dict:
+        step, micro = self.step_of(index)
+        tokens = batch["input_ids"]
+        input_ids, labels = mask_batch(tokens, self.cfg, masking_generator(self.seed, step, self.rank, micro),
+                                       vocab_size=self.vocab_size, word_start=self.word_start, mask_prob=mask_prob)
+        return masked_batch(batch, input_ids, labels, self.pad_id)
+
+
+def masked_batch(batch: dict, input_ids: torch.Tensor, labels: torch.Tensor, pad_id: int) -> dict:
+    """A training micro-batch with everything its step needs computed on the host, so the step
+    never asks the device: input_ids (masked) and labels [B, T]; positions [M], the flat
+    indices of the masked positions in order, padded with -1 to a multiple of POSITION_BUCKET;
+    num_masked (a 0-d tensor: it travels to the device with the batch); padded (a bool: any
+    <pad> at all); seq_tokens [B], the non-pad tokens per sequence; and the batch's lang and keys."""
+    tokens = batch["input_ids"]
+    positions = labels.reshape(-1).ne(IGNORE_INDEX).nonzero().squeeze(1)
+    n = positions.numel()
+    padding = -n % POSITION_BUCKET
+    not_pad = tokens.ne(pad_id)
+    return {**batch, "input_ids": input_ids, "labels": labels,
+            "positions": torch.cat([positions, positions.new_full((padding,), -1)]),
+            "num_masked": torch.tensor(n), "padded": not bool(not_pad.all()), "seq_tokens": not_pad.sum(dim=1)}

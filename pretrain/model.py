@@ -22,6 +22,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # label of positions that carry no MLM target (torch cross_entropy default)
+# The fp32 cross-entropy runs over chunks of masked positions of at most this many logits
+# (256 MB in fp32): 2458 masked positions x 250k vocabulary upcast at once would be 2.5 GB.
+CE_CHUNK_LOGITS = 2**26
 
 
 @dataclass
@@ -154,12 +157,13 @@ class XLMR(nn.Module):
             nn.init.zeros_(module.bias)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               num_layers: int | None = None) -> torch.Tensor:
+               num_layers: int | None = None, padded: bool | None = None) -> torch.Tensor:
         """[B, T] token ids -> [B, T, H] final hidden states (HF's sequence output), or those
         after the first `num_layers` blocks (0: the embeddings; the cross-lingual probes read
         a middle layer).
 
-        attention_mask (1 = real token) defaults to `input_ids != pad_id`.
+        attention_mask (1 = real token) defaults to `input_ids != pad_id`; `padded` (whether
+        any position is padding; None: read from the mask) decides whether attention is masked.
         """
         x = self.tok_emb(input_ids) + self.pos_emb(position_ids(input_ids, self.cfg.pad_id))
         # type_emb is called, not read as .weight, so ZeRO-3's module hooks gather it.
@@ -169,8 +173,11 @@ class XLMR(nn.Module):
         if attention_mask is None:
             attention_mask = input_ids.ne(self.cfg.pad_id)
         # Most batches are unpadded (nearly all sequences fill seq_len): no mask then lets SDPA
-        # pick the flash kernel on GPU. The check costs one host sync per forward.
-        attn_mask = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
+        # pick the flash kernel on GPU. The trainer's loader knows `padded` on the host; asking
+        # the mask instead costs one host sync per forward.
+        if padded is None:
+            padded = not bool(attention_mask.all())
+        attn_mask = attention_mask.bool()[:, None, None, :] if padded else None
 
         for block in self.blocks[:num_layers]:
             if self.cfg.activation_checkpointing and self.training:
@@ -193,20 +200,49 @@ class XLMR(nn.Module):
         return logits, labels[rows, cols], rows
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+        positions: torch.Tensor | None = None, padded: bool | None = None,
     ) -> MLMOutput:
-        logits, targets, rows = self.masked_logits(input_ids, labels, attention_mask)
-        # fp32 loss even under bf16 autocast: log-softmax over 250k classes loses precision.
-        token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
-        B = input_ids.shape[0]
-        seq_num_masked = torch.bincount(rows, minlength=B)
+        """The MLM loss sums of a batch. The trainer passes what its loader workers computed on
+        the host, so that no step waits on the device: `positions` [M], the flat indices (into
+        B * T) of the masked positions in order, padded with -1 to a fixed bucket size (a static
+        shape for torch.compile), and `padded`. Without them they are read from the tensors
+        (a host sync each, fine outside the training step)."""
+        B, T = input_ids.shape
+        flat_labels = labels.reshape(-1)
+        if positions is None:
+            positions = flat_labels.ne(IGNORE_INDEX).nonzero().squeeze(1)
+        valid = positions.ge(0)
+        index = positions.clamp(min=0)
+        targets = torch.where(valid, flat_labels[index], IGNORE_INDEX)
+        rows = index // T
+        h = self.encode(input_ids, attention_mask, padded=padded)
+        token_loss, correct = self._masked_losses(h.reshape(B * T, -1).index_select(0, index), targets)
+        seq_num_masked = torch.zeros(B, dtype=torch.long, device=rows.device).index_add_(0, rows, valid.long())
         return MLMOutput(
             loss_sum=token_loss.sum(),
             num_masked=seq_num_masked.sum(),
-            num_correct=(logits.detach().argmax(dim=-1) == targets).sum(),
+            num_correct=(correct & valid).sum(),
             seq_loss_sum=torch.zeros(B, device=rows.device).index_add_(0, rows, token_loss.detach()),
             seq_num_masked=seq_num_masked,
         )
+
+    def _masked_losses(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[M, H] hidden states at masked positions -> (fp32 cross-entropy [M], 0 where the
+        target is IGNORE_INDEX; argmax == target [M]), over chunks of CE_CHUNK_LOGITS logits.
+        In training each chunk is checkpointed: its logits are made again in the backward
+        rather than kept, so at most one chunk of them ever exists, in either dtype."""
+        rows = max(1, CE_CHUNK_LOGITS // self.cfg.vocab_size)
+        chunks = [(self._chunk_loss(hc, tc) if not torch.is_grad_enabled()
+                   else checkpoint(self._chunk_loss, hc, tc, use_reentrant=False))
+                  for hc, tc in zip(h.split(rows), targets.split(rows))]  # one empty chunk when M = 0
+        return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+
+    def _chunk_loss(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # fp32 loss even under bf16 autocast: log-softmax over 250k classes loses precision.
+        logits = self.lm_head(h).float()
+        loss = F.cross_entropy(logits, targets, reduction="none", ignore_index=IGNORE_INDEX)
+        return loss, logits.detach().argmax(dim=-1) == targets
 
 
 def num_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:

@@ -33,6 +33,9 @@ class AdamW(torch.optim.AdamW):
     a NaN gradient would reach every weight. `overflow` and `_global_grad_norm` are the
     attributes DeepSpeed's engine reads (skipped-step count, get_global_grad_norm()).
     Under ZeRO >= 1 max_grad_norm is 0 (DeepSpeed clips) and the guard is a second check.
+    The guard reads the norm on the host once per step: DeepSpeed's engine needs `overflow` as
+    a bool to skip the LR scheduler's step. The update itself is torch's fused AdamW (one
+    kernel for all parameters, on the GPU and the CPU).
     """
 
     def __init__(self, params, max_grad_norm: float = 0.0, **kwargs):
@@ -48,11 +51,11 @@ class AdamW(torch.optim.AdamW):
         if not grads:
             return super().step(closure)
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-        self.overflow = not bool(norm.isfinite())
+        self._global_grad_norm = float(norm)  # the step's one host read
+        self.overflow = not math.isfinite(self._global_grad_norm)
         if self.overflow:
             self._global_grad_norm = float("inf")
             return None
-        self._global_grad_norm = float(norm)
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm)
         return super().step(closure)
@@ -61,7 +64,7 @@ class AdamW(torch.optim.AdamW):
 def build_optimizer(model: nn.Module, cfg: OptimConfig, max_grad_norm: float = 0.0) -> AdamW:
     return AdamW(
         param_groups(model, cfg.weight_decay), max_grad_norm=max_grad_norm, lr=cfg.lr, betas=tuple(cfg.betas),
-        eps=cfg.eps, weight_decay=cfg.weight_decay,
+        eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True,
     )
 
 

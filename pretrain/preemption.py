@@ -3,7 +3,8 @@
 SLURM warns a job before its time limit (`#SBATCH --signal=B:USR1@120`, passed on to the
 tasks by `pretrain.cluster.slurm launch`) and kills a preempted or requeued one with SIGTERM (then
 SIGKILL after KillWait). `install()` makes both signals only set a flag; the loop calls
-`stop_requested()` once per step. The ranks agree on it with one all-reduce (a signal reaches
+`stop_requested()` once per metrics record (every trainer.log_every steps, where the loop syncs
+with the device anyway). The ranks agree on it with one all-reduce (a signal reaches
 them at different steps, and every rank must take part in the DeepSpeed checkpoint save),
 then all save, and the process exits with `EXIT_PREEMPTED` so the launcher knows to requeue.
 """
@@ -37,7 +38,7 @@ def received() -> bool:
 
 def stop_requested(device="cpu") -> bool:
     """Collective: True on every rank once any rank got a signal. Call it on all ranks at
-    the same point of every step."""
+    the same point of the loop."""
     import torch  # here, not at the top: pretrain.cluster.slurm's launcher imports this module
     import torch.distributed as dist
 

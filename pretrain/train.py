@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -24,19 +23,21 @@ from pretrain.data import (
 )
 from pretrain.data.phases import Mixture
 from pretrain.distributed import (
-    all_reduce_sum, broadcast_object, build_engine, init_distributed, resolve_precision, shutdown_distributed,
+    all_reduce_max, all_reduce_sum, broadcast_object, build_engine, deepspeed_config, init_distributed, resolve_precision,
+    shutdown_distributed,
 )
 from pretrain.evaluation.mlm import evaluate_mlm, summarize
 from pretrain.evaluation.probes import Probes, metrics_record, progress_line
-from pretrain.masking import load_word_starts, mask_batch, masking_generator
+from pretrain.masking import TrainMasking, load_word_starts
 from pretrain.metrics import MetricsLogger, flops_per_token, wandb_run_id
-from pretrain.model import IGNORE_INDEX, XLMR, ModelConfig, num_parameters
+from pretrain.model import XLMR, ModelConfig, num_parameters
 from pretrain.optim import build_lr_scheduler, build_optimizer
 from pretrain.schedules import mask_prob_at
 
 
 def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
     check_config(cfg)
+    deepspeed_config(cfg.deepspeed, 1)  # precision and ZeRO choices that cannot work fail here, in one line
     tr, ds = cfg.trainer, cfg.deepspeed
     run_dir = Path(cfg.run_dir)
 
@@ -94,6 +95,12 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
     state["wandb_run_id"] = broadcast_object(state["wandb_run_id"])
 
     # ---- data: this rank's endless stream, positioned after what it already consumed -------
+    # The loader's workers mask it too: a micro-batch's mask depends only on (seed, step, rank,
+    # micro-batch), so a resumed run masks the same.
+    gas, seq_len, V = ds.gradient_accumulation_steps, manifest["seq_len"], model_cfg.vocab_size
+    word_start = load_word_starts(Path(cfg.data_dir) / manifest["vocab"]["spm_model"]) if cfg.masking.whole_word else None
+    masking = TrainMasking(cfg.masking, tr.seed, rank, V, gas, tr.max_steps, first_step=state["step"],
+                           first_index=state["consumed_micro_batches"], word_start=word_start, pad_id=model_cfg.pad_id)
     try:
         mixture = Mixture(manifest, cfg.data.phases, cfg.data.alpha)  # data.phases: alpha, languages per step
         _check_phase_resume(resume_meta, cfg)
@@ -105,8 +112,8 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
             say(f"data position carried over from {saved_plan['layout']} to {state['data_plan']['layout']}: "
                 "the unread rest of every language is dealt anew, no sample repeated or skipped")
         loader = build_train_loader(cfg.data_dir, manifest, cfg.data, rank, world, ds.micro_batch_size,
-                                    state["consumed_micro_batches"], state["data_plan"], ds.gradient_accumulation_steps,
-                                    state["damaged_shards"])
+                                    state["consumed_micro_batches"], state["data_plan"], gas, state["damaged_shards"],
+                                    masking)
         valid_loaders = build_valid_loaders(cfg.data_dir, manifest, cfg.data, rank, world, ds.micro_batch_size)
     except (OSError, ValueError, ShardError) as exc:
         raise PretrainError(str(exc)) from None
@@ -118,19 +125,21 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
                            resumed_step=state["step"] if resume_from else None)
     meta = {**fingerprint, "model": dataclasses.asdict(model_cfg), "config": config_dict, "world_size": world,
             "zero_stage": ds.zero_stage, "precision": resolve_precision(ds), "languages": langs}
-    gas, seq_len, V = ds.gradient_accumulation_steps, manifest["seq_len"], model_cfg.vocab_size
     stop_at = min(tr.max_steps, tr.stop_at_step or tr.max_steps)
     say(f"model {n_params / 1e6:.1f}M parameters ({model_cfg.num_layers} layers x "
-        f"{model_cfg.hidden_size}, vocab {V}); {world} rank(s), ZeRO {ds.zero_stage}, {meta['precision']}; "
+        f"{model_cfg.hidden_size}, vocab {V}); {world} rank(s) ({device.type}, {env.backend}), "
+        f"ZeRO {ds.zero_stage}, {meta['precision']}; "
         f"{world * gas * ds.micro_batch_size} sequences x {seq_len} tokens per step; "
         f"{len(langs)} languages; run dir {run_dir}")
 
     # ---- the loop --------------------------------------------------------------------------
-    word_start = load_word_starts(Path(cfg.data_dir) / manifest["vocab"]["spm_model"]) if cfg.masking.whole_word else None
     probes = Probes(cfg.probe, Path(cfg.data_dir) / manifest["vocab"]["spm_model"], model_cfg.num_layers,
                     say) if tr.probe_every else None  # cross-lingual probes: evaluation/probes.py
-    interval = _Interval(len(langs))
-    nonfinite_in_row = 0
+    # The step makes no host sync: the loader made masks, positions and counts on the host;
+    # the metrics stay on the device and are all-reduced and read once per trainer.log_every
+    # steps (and before a checkpoint), where NaN/inf steps are counted and the stop signal is
+    # checked (DeepSpeed's own optimizer step may still sync inside).
+    interval = _Interval(len(langs), device)
     preempted = False
     shown_phase = None
     engine.train()
@@ -143,51 +152,49 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
             shown_phase = phase
             say(f"step {step}: phase {phase}, alpha {mixture.alphas[phase]}, languages {' '.join(mixture.in_play(step))}")
         t0 = time.perf_counter()
-        micro_batches = [next(batches) for _ in range(gas)]  # the whole step's data, ahead
+        micro_batches = [_to_device(next(batches), device) for _ in range(gas)]  # the whole step's data, ahead
         interval.data_wait += time.perf_counter() - t0
         faults.note_damaged_shards(micro_batches, state, step + 1, cfg.data.on_damaged_shard == "skip", say)
-        # Masks depend only on (seed, step, rank, micro-batch): a resumed run masks the same.
-        masked = [mask_batch(b["input_ids"], cfg.masking, masking_generator(tr.seed, step, rank, k), vocab_size=V,
-                             word_start=word_start, mask_prob=mask_prob) for k, b in enumerate(micro_batches)]
 
         # The step's loss is the mean over every masked token of the accumulated batch on all
         # ranks, not a mean of per-micro-batch means. Each micro-batch contributes its loss SUM
         # times world / total: DeepSpeed averages gradients over ranks (/ world) and, with
         # scale_wrt_gas=False, does not divide by the accumulation steps again.
-        local_masked = sum(int(labels.ne(IGNORE_INDEX).sum()) for _, labels in masked)
-        total_masked = all_reduce_sum(torch.tensor([float(local_masked)], device=device))
+        total_masked = all_reduce_sum(torch.stack([b["num_masked"] for b in micro_batches]).sum().float().reshape(1))
         scale = world / total_masked.clamp(min=1.0)
         sums = torch.zeros(_Interval.width(len(langs)), dtype=torch.float64, device=device)
-        for (input_ids, labels), batch in zip(masked, micro_batches):
-            out = engine(input_ids.to(device), labels.to(device))
+        for batch in micro_batches:
+            out = engine(batch["input_ids"], batch["labels"], positions=batch["positions"], padded=batch["padded"])
             engine.backward(out.loss_sum * scale, scale_wrt_gas=False)
             engine.step()  # DeepSpeed updates at the last micro-batch of the step only
-            sums += _micro_batch_sums(out, batch, len(langs), model_cfg.pad_id, device)
-        sums = all_reduce_sum(sums).cpu()
+            sums += _micro_batch_sums(out, batch, len(langs))
+        # A step whose loss or gradients were NaN/inf was skipped: by DeepSpeed, or by
+        # optim.AdamW at ZeRO 0; weights and moments are untouched.
+        applied = engine.was_step_applied()
+        interval.add(sums, lr, applied, engine.get_global_grad_norm() if applied else None)
 
         state["step"] = step = step + 1
         state["consumed_micro_batches"] += gas
-        state["tokens_seen"] += int(sums[3])
-        if math.isfinite(float(sums[0])) and engine.was_step_applied():
-            nonfinite_in_row = 0
-            interval.add(sums, lr, engine.get_global_grad_norm())
-        else:  # NaN/inf: DeepSpeed (or optim.AdamW at ZeRO 0) left weights and moments untouched
-            interval.add(sums, lr, None, finite=False)
-            state["skipped_steps"] += 1
-            nonfinite_in_row += 1
-            say(f"step {step}: loss or gradients not finite, update skipped ({nonfinite_in_row} in a row)")
-            if nonfinite_in_row >= tr.max_nonfinite_steps:
+        at_log = step % tr.log_every == 0 or step == stop_at
+        if at_log or step % tr.save_every == 0:  # the interval's one host sync
+            tokens, skipped, in_row = interval.flush()
+            state["tokens_seen"] += tokens
+            state["skipped_steps"] += skipped
+            if skipped:
+                say(f"step {step}: loss or gradients not finite in {skipped} step(s) since the last record, "
+                    f"update(s) skipped ({in_row} in a row now)")
+            if interval.longest_run >= tr.max_nonfinite_steps:
                 raise PretrainError(
-                    f"the loss was NaN/inf for {nonfinite_in_row} steps in a row (up to step {step}): "
+                    f"the loss was NaN/inf for {interval.longest_run} steps in a row (up to step {step}): "
                     f"lower optim.lr, check the data, or raise trainer.max_nonfinite_steps")
 
-        if step % tr.log_every == 0 or step == stop_at:
+        if at_log:
             record = interval.record(langs, state, model_cfg, seq_len, tr.peak_flops, world, device)
             record.update(phase=phase, alpha=mixture.alphas[phase], languages_in_play=len(mixture.in_play(step - 1)),
                           mask_prob=mask_prob, damaged_shards=len(state["damaged_shards"]))
             logger.log(step, record)
             say(_progress_line(step, tr.max_steps, record))
-            interval = _Interval(len(langs))
+            interval = interval.next()
 
         if (tr.eval_every and step % tr.eval_every == 0) or (tr.eval_at_end and step == tr.max_steps):
             if valid_loaders:
@@ -202,7 +209,9 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
             logger.log(step, record)
             say(progress_line(step, record))
 
-        preempted = preemption.stop_requested(device) and step < stop_at  # collective: all ranks agree
+        # The signal is checked once per record (a collective: all ranks agree): keep
+        # trainer.log_every steps well inside SLURM's warning time.
+        preempted = at_log and step < stop_at and preemption.stop_requested(device)
         if step % tr.save_every == 0 or step == stop_at or preempted:
             path = checkpoint.save_checkpoint(engine, run_dir, state, meta, tr.keep_last, rank)
             say(f"saved checkpoint {path}")
@@ -296,15 +305,29 @@ def _rng_untouched(device: torch.device):
         yield
 
 
-class _Interval:
-    """Sums between two metrics records. A step's all-reduced vector holds: loss sum, masked
-    tokens, correct predictions, non-pad tokens, sequences, positions, then per language the
-    loss sums, the masked tokens and the non-pad tokens."""
+def _to_device(batch: dict, device: torch.device) -> dict:
+    """The loader's micro-batch on the device; from pinned memory (GPU) the copies do not wait."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def __init__(self, num_langs: int):
-        self.sums, self.num_langs = torch.zeros(self.width(num_langs), dtype=torch.float64), num_langs
-        self.steps, self.data_wait = 0, 0.0
-        self.grad_norm: Optional[float] = None
+
+class _Interval:
+    """Sums between two metrics records, kept on the device. A step's vector holds: loss sum,
+    masked tokens, correct predictions, non-pad tokens, sequences, positions, then per language
+    the loss sums, the masked tokens and the non-pad tokens. `flush()` all-reduces what the
+    steps since the last flush added and reads it on the host: the one sync of the interval."""
+
+    def __init__(self, num_langs: int, device: torch.device, in_row: Optional[torch.Tensor] = None):
+        self.num_langs, self.device = num_langs, device
+        self.pending = torch.zeros(self.width(num_langs), dtype=torch.float64, device=device)
+        # [skipped steps, the longest run of skipped steps] since the last flush
+        self.pending_skips = torch.zeros(2, dtype=torch.float64, device=device)
+        self.in_row = torch.zeros((), dtype=torch.float64, device=device) if in_row is None else in_row
+        # A skipped step counts for throughput (tokens, sequences, positions), not for loss and accuracy.
+        self.counted = torch.zeros(self.width(num_langs), dtype=torch.bool, device=device)
+        self.counted[3:6] = self.counted[6 + 2 * num_langs:] = True
+        self.sums = [0.0] * self.width(num_langs)  # flushed, all ranks
+        self.steps, self.data_wait, self.longest_run = 0, 0.0, 0
+        self.grad_norm = None  # of the last applied step: a tensor or a float, read at the record
         self.lr = 0.0
         self.started = time.perf_counter()
 
@@ -312,27 +335,42 @@ class _Interval:
     def width(num_langs: int) -> int:
         return 6 + 3 * num_langs
 
-    def add(self, sums: torch.Tensor, lr: float, grad_norm, finite: bool = True) -> None:
-        """A skipped (non-finite) step counts for throughput, not for loss and accuracy."""
-        if finite:
-            self.sums += sums
-            self.grad_norm = None if grad_norm is None else float(grad_norm)
-        else:
-            self.sums[3:6] += sums[3:6]
-            self.sums[6 + 2 * self.num_langs:] += sums[6 + 2 * self.num_langs:]  # tokens per language
+    def next(self) -> "_Interval":
+        return _Interval(self.num_langs, self.device, self.in_row)
+
+    def add(self, sums: torch.Tensor, lr: float, applied: bool, grad_norm) -> None:
+        ok = sums[0].isfinite() & applied
+        self.pending += torch.where(ok | self.counted, sums, 0.0)
+        skip = (~ok).double()
+        self.in_row = (self.in_row + 1) * skip
+        self.pending_skips[0] += skip
+        self.pending_skips[1] = torch.maximum(self.pending_skips[1], self.in_row)
+        if applied:
+            self.grad_norm = grad_norm
         self.steps += 1
         self.lr = lr
 
+    def flush(self) -> tuple[int, int, int]:
+        """(tokens, skipped steps) since the last flush and the current run of skipped steps;
+        self.longest_run: the longest run ending in this interval."""
+        sums = all_reduce_sum(self.pending).tolist()
+        skipped, longest, in_row = (int(v) for v in [*all_reduce_max(self.pending_skips).tolist(), self.in_row.item()])
+        self.sums = [a + b for a, b in zip(self.sums, sums)]
+        self.pending.zero_()
+        self.pending_skips.zero_()
+        self.longest_run = max(self.longest_run, longest)
+        return int(sums[3]), skipped, in_row
+
     def record(self, langs, state, model_cfg, seq_len, peak_flops, world, device) -> dict:
         elapsed = time.perf_counter() - self.started
-        s = self.sums.tolist()
+        s = self.sums
         loss_sum, masked, correct, tokens, samples, positions = s[:6]
         n = len(langs)
         record = {
             "loss": loss_sum / masked if masked else None,
             "accuracy": correct / masked if masked else None,
             "lr": self.lr,
-            "grad_norm": self.grad_norm,
+            "grad_norm": None if self.grad_norm is None else float(self.grad_norm),
             "tokens_per_s": tokens / elapsed,
             "samples_per_s": samples / elapsed,
             "data_wait_s": self.data_wait / max(1, self.steps),
@@ -351,20 +389,15 @@ class _Interval:
         return record
 
 
-def _micro_batch_sums(out, batch, num_langs: int, pad_id: int, device) -> torch.Tensor:
-    lang = batch["lang"].to(device)
-    input_ids = batch["input_ids"]
-    per_lang_loss = torch.zeros(num_langs, dtype=torch.float64, device=device).index_add_(
-        0, lang, out.seq_loss_sum.double())
-    per_lang_masked = torch.zeros(num_langs, dtype=torch.float64, device=device).index_add_(
-        0, lang, out.seq_num_masked.double())
-    per_lang_tokens = torch.zeros(num_langs, dtype=torch.float64, device=device).index_add_(
-        0, lang, input_ids.ne(pad_id).sum(dim=1).double().to(device))
-    head = torch.tensor([
-        float(out.loss_sum.detach()), float(out.num_masked), float(out.num_correct),
-        float(input_ids.ne(pad_id).sum()), float(input_ids.shape[0]), float(input_ids.numel()),
-    ], dtype=torch.float64, device=device)
-    return torch.cat([head, per_lang_loss, per_lang_masked, per_lang_tokens])
+def _micro_batch_sums(out, batch: dict, num_langs: int) -> torch.Tensor:
+    """The interval vector of one micro-batch, made on the device without a host sync."""
+    lang, seq_tokens = batch["lang"], batch["seq_tokens"].double()
+    zeros = seq_tokens.new_zeros(num_langs)
+    B, T = batch["input_ids"].shape
+    head = torch.stack([out.loss_sum.detach().double(), out.num_masked.double(), out.num_correct.double(),
+                        seq_tokens.sum(), seq_tokens.new_full((), B), seq_tokens.new_full((), B * T)])
+    return torch.cat([head, zeros.index_add(0, lang, out.seq_loss_sum.double()),
+                      zeros.index_add(0, lang, out.seq_num_masked.double()), zeros.index_add(0, lang, seq_tokens)])
 
 
 def _evaluate(engine, valid_loaders: dict, cfg: PretrainConfig, V: int, word_start, device) -> dict:

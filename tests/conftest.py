@@ -78,7 +78,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def gpu_env() -> dict:
     """The environment for a `gpu` test's subprocesses: the GPUs this session was started with."""
     return _gpu_env()

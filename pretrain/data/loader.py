@@ -22,6 +22,8 @@ from pretrain.data.dealing import ShardSequence, block_order
 from pretrain.data.manifest import Shard, languages, shard_index, shard_problem, usable_shards, warn_skipped
 from pretrain.data.phases import Mixture, PhaseConfig
 from pretrain.data.shards import ShardError, TokenSpec, read_shard, verify_shard
+from pretrain.masking import TrainMasking
+from pretrain.schedules import mask_prob_at
 
 
 @dataclass
@@ -62,8 +64,8 @@ class TrainStream(IterableDataset):
     generation (position.py) and ``consumed_micro_batches``."""
 
     def __init__(self, data_dir, manifest, cfg: DataConfig, rank: int, plan: dict, consumed_micro_batches: int = 0,
-                 micro_batches_per_step: int = 1, damaged: Collection[str] = ()):
-        self.cfg, self.rank, self.plan = cfg, rank, plan
+                 micro_batches_per_step: int = 1, damaged: Collection[str] = (), masking: Optional[TrainMasking] = None):
+        self.cfg, self.rank, self.plan, self.masking = cfg, rank, plan, masking
         # on_damaged_shard=skip: shards found damaged so far (the manifest's paths, from the
         # checkpoint) count as empty; ones found now are announced in the batch that met them.
         self.damaged, self.found_damaged = set(damaged), []
@@ -139,6 +141,9 @@ class TrainStream(IterableDataset):
             rows = [next(streams[i]) for i in draws]
             batch = _collate(rows, [lang_index[i] for i in draws], self.spec)
             batch["damaged_shards"], self.found_damaged = self.found_damaged, []
+            if self.masking is not None:  # the training masks, made here in the worker
+                index = start + worker + k * self.num_workers  # counted over the run, as consumed_micro_batches
+                batch = self.masking(batch, index, self._mask_prob(self.masking.step_of(index)[0]))
             yield batch
 
     def _intact(self, shard: Shard) -> bool:
@@ -154,6 +159,11 @@ class TrainStream(IterableDataset):
             self.damaged.add(shard.name)
             self.found_damaged.append([shard.name, str(exc)])
             return False
+
+    def _mask_prob(self, step: int) -> float:
+        """The masking rate of a step: its phase's own, else the schedule's."""
+        phase_rate = self.mixture.phases[self.mixture.phase_at(step)].mask_prob
+        return mask_prob_at(step, self.masking.cfg, self.masking.max_steps, phase_rate)
 
     def _language_stream(self, lang: str, slot: int, consumed: int):
         """This slot's samples of one language, endless, after the first ``consumed``.
@@ -188,7 +198,8 @@ class TrainStream(IterableDataset):
 
 def build_train_loader(data_dir: str | Path, manifest: dict, cfg: DataConfig, rank: int, world_size: int,
                        micro_batch_size: int, consumed_micro_batches: int = 0, plan: Optional[dict] = None,
-                       micro_batches_per_step: int = 1, damaged: Collection[str] = ()) -> DataLoader:
+                       micro_batches_per_step: int = 1, damaged: Collection[str] = (),
+                       masking: Optional[TrainMasking] = None) -> DataLoader:
     """The endless train loader of one rank, positioned after ``consumed_micro_batches``.
 
     Batch i of a generation comes from worker i % num_workers (torch hands batches out
@@ -197,12 +208,18 @@ def build_train_loader(data_dir: str | Path, manifest: dict, cfg: DataConfig, ra
     the phase changes of cfg.phases at step boundaries. ``plan`` (default: the first generation's) must have this
     run's layout: see `carry_over_plan`. No shard file is touched until the stream reaches it;
     ``loader.dataset.skipped_shards`` lists the shards found unusable so far by the process
-    that reads (this one with num_workers=0; else each worker warns for its own)."""
+    that reads (this one with num_workers=0; else each worker warns for its own).
+
+    With ``masking`` the workers also mask each micro-batch (masking.masked_batch: the step's
+    masks, positions and counts made on the host), at the rate of its step
+    (schedules.mask_prob_at, a phase's own mask_prob first); the batches
+    come in pinned memory on a GPU machine, for non_blocking copies."""
     run_layout = position.layout(world_size, cfg.num_workers, micro_batch_size)
     plan = plan or position.first_plan(run_layout)
     if plan["layout"] != run_layout:
         raise ValueError(f"the data plan is for layout {plan['layout']}, this run has {run_layout}: carry it over first")
-    dataset = TrainStream(data_dir, manifest, cfg, rank, plan, consumed_micro_batches, micro_batches_per_step, damaged)
+    dataset = TrainStream(data_dir, manifest, cfg, rank, plan, consumed_micro_batches, micro_batches_per_step, damaged,
+                          masking)
     workers = cfg.num_workers
     return DataLoader(
         dataset, batch_size=None, num_workers=workers, pin_memory=cfg.pin_memory and torch.cuda.is_available(),

@@ -5,7 +5,7 @@ fill-mask demo.
     xlmr-eval PATH [--step N] [--data-dir D] [--out FILE] [--batch-size B] [--languages en,de]
               [--max-sequences N|all] [--seed S] [--fill-mask "text with <mask>" ...]
               [--top-k K] [--no-fill-mask] [--no-mlm] [--no-probes] [--probe-layer K]
-              [--retrieval-dir DIR] [--transfer-dir DIR]
+              [--retrieval-dir DIR] [--transfer-dir DIR] [--device auto|cpu|cuda|cuda:N]
 
 PATH is a run dir (its newest complete checkpoint, or the one of --step), a checkpoint tag dir
 or a Hugging Face dir (xlmr-export's output, or any XLMRobertaForMaskedLM with our
@@ -16,7 +16,8 @@ masking, every sequence and the bundled probe set at the middle layer. The data'
 must be the model's (manifest vocab.sha256 = sha256 of its SentencePiece model). The tables are
 printed and written as JSON to --out, by default RUN_DIR/eval/step_XXXXXXXX.json for a
 checkpoint and HF_DIR/eval.json for an HF dir. Then a fill-mask demo prints the top-k pieces
-for built-in sentences (or --fill-mask ones).
+for built-in sentences (or --fill-mask ones). The model runs on the GPU where there is one
+(--device auto), else on the CPU; results agree between the two within float rounding.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ import dataclasses
 import sys
 from pathlib import Path
 from typing import Optional
+
+import torch
 
 from data_prep.atomic import write_json
 from data_prep.dictionary import Dictionary
@@ -72,7 +75,25 @@ def _parser() -> argparse.ArgumentParser:
                                                       "the bundled set)")
     p.add_argument("--transfer-dir", type=Path, help="train.tsv + test.tsv of the transfer task (default: the run's "
                                                      "probe.transfer_dir; the bundled set)")
+    p.add_argument("--device", default="auto", help="where the model runs: auto (the first GPU if there is one, "
+                                                    "else the CPU), cpu, cuda or cuda:N")
     return p
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PretrainError(f"--device {name}: not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise PretrainError(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PretrainError(f"--device {name}: torch finds no CUDA GPU here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise PretrainError(f"--device {name}: there are {torch.cuda.device_count()} GPU(s)")
+    return device
 
 
 def _load(path: Path, step: Optional[int]) -> tuple[LoadedModel, dict, Path]:
@@ -109,10 +130,12 @@ def run(args: argparse.Namespace) -> None:
         raise PretrainError("--batch-size and --top-k must be >= 1")
     if args.no_mlm and args.no_probes:
         raise PretrainError("--no-mlm and --no-probes: nothing left to evaluate")
+    device = _device(args.device)
     loaded, run_cfg, default_out = _load(args.path, args.step)
+    loaded.model.to(device)
     languages = args.languages.split(",") if args.languages else None
-    print(f"model      {loaded.source}")
-    report = {"source": loaded.source, "path": str(args.path), "step": loaded.step}
+    print(f"model      {loaded.source} (on {device})")
+    report = {"source": loaded.source, "path": str(args.path), "step": loaded.step, "device": str(device)}
     if not args.no_mlm:
         report.update(_mlm(args, loaded, run_cfg, languages))
     if not args.no_probes:
@@ -159,9 +182,10 @@ def _mlm(args: argparse.Namespace, loaded: LoadedModel, run_cfg: dict, languages
     print(f"data dir   {data_dir} ({len(loaders)} languages, "
           f"{'every' if max_sequences is None else f'up to {max_sequences}'} validation sequences each, seed {seed})")
     word_start = load_word_starts(loaded.spm_model) if masking.whole_word else None
+    device = loaded.model.tok_emb.weight.device
     sums = evaluate_mlm(loaded.model, loaders, masking, seed=seed, vocab_size=loaded.config.vocab_size,
-                        word_start=word_start)
-    result = summarize(list(loaders), sums)
+                        word_start=word_start, device=device)
+    result = summarize(list(loaders), sums.cpu())
     print(format_table(result))
     return {"data_dir": str(data_dir),
             "settings": {"seed": seed, "max_sequences_per_language": max_sequences, "batch_size": args.batch_size,

@@ -142,7 +142,7 @@ def encode_masked(dictionary: Dictionary, text: str) -> list[int]:
 @torch.no_grad()
 def fill_mask(model: XLMR, dictionary: Dictionary, text: str, top_k: int) -> list[tuple[str, float]]:
     """The top_k pieces for the <mask> of `text`, with their probabilities."""
-    input_ids = torch.tensor([encode_masked(dictionary, text)])
+    input_ids = torch.tensor([encode_masked(dictionary, text)], device=model.tok_emb.weight.device)
     limit = model.cfg.max_positions - model.cfg.pad_id - 1
     if input_ids.shape[1] > limit:
         raise PretrainError(f"fill-mask text {text[:40]!r}… is {input_ids.shape[1]} tokens; the model takes {limit}")

@@ -46,7 +46,8 @@ import torch
 
 from data_prep.state import sha256_file
 from pretrain.checkpoint import (
-    CHECKPOINTS, MARKER, PARTIAL, VOCAB_FILE, complete_checkpoints, damage, read_meta, tag_for,
+    CHECKPOINTS, MARKER, PARTIAL, VOCAB_FILE, complete_checkpoints, damage, read_meta, require_tested_deepspeed,
+    tag_for,
 )
 from pretrain.config import PretrainError
 from pretrain.interop.hf_convert import from_hf_state_dict, model_config_from_hf
@@ -172,6 +173,8 @@ def _bf16_optimizer_fp32_state_dict(tag_dir: Path) -> Optional[dict[str, torch.T
     if not optim or "zero_stage" in optim[0]:
         return None
     module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
+    # The layout below is DeepSpeed 0.19's: the release that wrote the tag must be one tested.
+    require_tested_deepspeed(str(module.get("ds_version")), f"reading the bf16 optimizer shards of {tag_dir}")
     counts = {c for o in optim for c in (o["partition_count"] if isinstance(o["partition_count"], list)
                                          else [o["partition_count"]])}
     if counts != {len(shards)} or [_shard_rank(f) for f in shards] != list(range(len(shards))):

@@ -137,3 +137,20 @@ def test_resume_skips_damaged_tags_and_refuses_a_damaged_path(tmp_path):
     with pytest.raises(PretrainError, match="every checkpoint in .* is damaged"):
         checkpoint.find_resume_checkpoint(tmp_path, "auto", said.append)
     assert len(said) == 4 and "mp_rank_00_model_states.pt is missing" in said[3]
+
+
+def test_deepspeed_workarounds_refuse_untested_releases():
+    """checkpoint.DEEPSPEED_TESTED is the range pyproject.toml pins; the resume and bf16-export
+    workarounds run on it and refuse anything else in one line."""
+    import tomllib
+
+    from pretrain.checkpoint import DEEPSPEED_TESTED, require_tested_deepspeed
+
+    deps = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"deepspeed{','.join(DEEPSPEED_TESTED)}" in deps
+    for version in ("0.19.8", "0.19.12"):
+        require_tested_deepspeed(version, "x")
+    for version in ("0.19.7", "0.20.0", "0.18.9", "None"):
+        with pytest.raises(PretrainError) as err:
+            require_tested_deepspeed(version, "resuming a checkpoint")
+        assert "\n" not in str(err.value) and f"not {version}" in str(err.value)

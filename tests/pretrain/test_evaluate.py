@@ -243,6 +243,10 @@ def test_bad_inputs_fail_with_one_line(run, prepared_data, tmp_path, xlmr_eval):
     assert "no complete checkpoint" in error_line(xlmr_eval(tmp_path / "empty", check=False))
     assert "no checkpoint of step 3" in error_line(xlmr_eval(run, "--step", 3, check=False))
     assert "no validation data for xx" in error_line(xlmr_eval(run, "--languages", "en,xx", check=False))
+    # CUDA is hidden from this process (conftest.py): --device cuda is refused, auto picks the CPU
+    assert "finds no CUDA GPU" in error_line(xlmr_eval(run, "--device", "cuda", check=False))
+    assert "only cpu and cuda" in error_line(xlmr_eval(run, "--device", "meta", check=False))
+    assert "not a device" in error_line(xlmr_eval(run, "--device", "gpu0", check=False))
 
     # The same data with another vocabulary's hash: refused before evaluating.
     other = tmp_path / "other_vocab"

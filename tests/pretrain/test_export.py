@@ -1,13 +1,16 @@
 """`xlmr-export` and pretrain.interop.consolidate on real checkpoints of the trainer (torchrun, gloo,
 tiny model): exports of every precision x ZeRO stage the trainer accepts (fp32 at ZeRO 0-3,
 bf16 at 1-3) give, in Hugging Face transformers, the logits of the fp32 master weights as
-DeepSpeed itself loads them; the exported tokenizer gives our Dictionary's ids;
+DeepSpeed itself loads them, and `xlmr-eval` of the checkpoint gives the numbers of the export;
+bf16 checkpoints resume exactly and on another rank count (fp32: test_train_distributed.py);
+the exported tokenizer gives our Dictionary's ids;
 HF dirs load back; the CLI's steps, errors, atomic output and memory bound."""
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -21,6 +24,8 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, XLMRobertaConfig, 
 
 from data_prep.dictionary import Dictionary
 from pretrain.config import PretrainError
+from pretrain.evaluation.cli import main as eval_main
+from pretrain.interop.consolidate import consolidated_state_dict
 from pretrain.interop.consolidate import load_model
 from pretrain.interop.export import main as export_main
 from pretrain.interop.hf_convert import hf_config_kwargs, model_config_from_hf, to_hf_state_dict
@@ -66,6 +71,14 @@ def export(*args, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
+def evaluate(path: Path, out: Path, *args) -> dict:
+    """xlmr-eval's main() in this process, on the CPU: the JSON it wrote."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        eval_main([str(path), "--out", str(out), "--no-probes", "--no-fill-mask", "--max-sequences", "4", "--seed", "0",
+                   "--device", "cpu", *map(str, args)])
+    return json.loads(out.read_text())
+
+
 def error_line(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("xlmr-export: error:")]
@@ -106,15 +119,18 @@ from pretrain.optim import build_lr_scheduler, build_optimizer
 from tests.pretrain.test_export import fixed_batch
 
 tag, out = Path(sys.argv[1]), sys.argv[2]
+load = Path(sys.argv[3]) if len(sys.argv) > 3 else tag  # the tag's universal checkpoint, on another rank count
 meta = read_meta(tag)
 env = init_distributed()
 cfg, run = ModelConfig(**meta["model"]), meta["config"]
 ds, optim = DeepSpeedConfig(**run["deepspeed"]), OptimConfig(**run["optim"])
+if load != tag:
+    ds.extra = {**ds.extra, "checkpoint": {"load_universal": True}}
 model = XLMR(cfg)
 optimizer = build_optimizer(model, optim, max_grad_norm=ds.gradient_clipping if ds.zero_stage == 0 else 0.0)
 scheduler = build_lr_scheduler(optimizer, optim, run["trainer"]["max_steps"])
 engine = build_engine(model, optimizer, scheduler, ds, env.world_size)
-load_checkpoint(engine, tag, env.rank, env.world_size)
+load_checkpoint(engine, load, env.rank, env.world_size)
 weights = {}
 for name, p in engine.module.named_parameters():
     master = safe_get_full_fp32_param(p)  # every rank (ZeRO-3 gathers); None at ZeRO 0, where p is fp32
@@ -130,12 +146,14 @@ shutdown_distributed()  # leave together: a rank exiting alone can abort in the 
 """
 
 
-def reference_logits(tag: Path, tmp_path: Path, env: dict | None = None) -> torch.Tensor:
+def reference_logits(tag: Path, tmp_path: Path, env: dict | None = None, universal: bool = False) -> torch.Tensor:
+    """With `universal`, the tag's universal checkpoint (made by a resized resume) loaded on 1 rank."""
     driver, out = tmp_path / "reference.py", tmp_path / "reference.pt"
     driver.write_text(REFERENCE_DRIVER)
-    world = json.loads((tag / "checkpoint.json").read_text())["world_size"]
+    world = 1 if universal else json.loads((tag / "checkpoint.json").read_text())["world_size"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-                           "--master_port", str(free_port()), str(driver), str(tag), str(out)],
+                           "--master_port", str(free_port()), str(driver), str(tag), str(out),
+                           *([str(tag / "universal")] if universal else [])],
                           capture_output=True, text=True, cwd=REPO, env=env or ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out, map_location="cpu")
@@ -169,6 +187,13 @@ def test_export_gives_the_trained_models_logits_in_hf(trained, stage, precision,
     provenance = json.loads((out / "xlmr_export.json").read_text())
     assert (provenance["step"], provenance["tokens_seen"], provenance["vocab_sha256"]) == (
         3, meta["tokens_seen"], meta["vocab_sha256"])
+
+    # xlmr-eval reads the checkpoint as the export holds it (the HF dir is loaded by another path)
+    of_checkpoint = evaluate(run, tmp_path / "ckpt.json")
+    of_export = evaluate(out, tmp_path / "hf.json", "--data-dir", meta["config"]["data_dir"])
+    assert of_checkpoint["step"] == 3 and of_checkpoint["all"]["masked_tokens"] > 50
+    assert of_checkpoint["all"]["masked_tokens"] == of_export["all"]["masked_tokens"]
+    assert of_checkpoint["all"]["loss"] == pytest.approx(of_export["all"]["loss"], rel=1e-6)
 
 
 def multilingual_lines() -> list[str]:
@@ -387,3 +412,41 @@ def test_export_holds_one_copy_of_the_weights(trained, prepared_data, tmp_path):
     # One copy (plus q/k/v split out for HF): reading the shards into memory (3 copies) or
     # copying the weights once more (into a model, a converted state dict) would pass 1.5.
     assert increase < 1.5 * weights, f"the export held {increase / weights:.2f}x the fp32 weights"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_checkpoints_resume_exactly_and_on_one_rank(trained, prepared_data, stage, tmp_path):
+    """The 2-rank bf16 run's step-2 checkpoint (a) resumed on the same 2 ranks makes step 3
+    exactly as the uninterrupted run did (loss, gradient norm, fp32 masters); (b) resumed on 1
+    rank goes through DeepSpeed's universal checkpoint, and a 1-rank engine loading that holds
+    the fp32 masters the export of step 2 holds (logits equal in HF)."""
+    from tests.pretrain.test_train import records
+
+    run = trained(stage, "bf16")
+    ckpts = run / "checkpoints"
+    again = tmp_path / "again"
+    (again / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpts / "step_00000002", again / "checkpoints" / "step_00000002")
+    (again / "checkpoints" / "latest").write_text("step_00000002")
+    proc = pretrain_run(prepared_data, again, f"deepspeed=zero{stage}", "deepspeed.precision=bf16", *TRAIN, nproc=2)
+    assert "resuming from step 2" in proc.stdout
+    for key in ("loss", "grad_norm"):
+        assert records(again, key)[3] == records(run, key)[3], key
+    expected = consolidated_state_dict(ckpts / "step_00000003")
+    got = consolidated_state_dict(again / "checkpoints" / "step_00000003")
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+    resized = tmp_path / "resized"
+    proc = pretrain_run(prepared_data, resized, f"deepspeed=zero{stage}", "deepspeed.precision=bf16", *TRAIN,
+                        f"resume={ckpts / 'step_00000002'}", nproc=1)
+    assert "through its universal checkpoint" in proc.stdout and "resuming from step 2" in proc.stdout
+    assert sorted(records(resized)) == [3] and math.isfinite(records(resized)[3])
+    out = tmp_path / "hf2"
+    export(run, 2, out)
+    hf = AutoModelForMaskedLM.from_pretrained(out, local_files_only=True).eval()
+    ids, mask = fixed_batch(hf.config.vocab_size)
+    with torch.no_grad():
+        logits = hf(input_ids=ids, attention_mask=mask).logits
+    expected = reference_logits(ckpts / "step_00000002", tmp_path, universal=True)
+    torch.testing.assert_close(logits[mask.bool()], expected[mask.bool()], atol=1e-4, rtol=1e-4)

@@ -251,3 +251,38 @@ def test_decay_branch_equals_a_run_with_that_decay_and_averaging_exports_the_mea
 def _env():
     import os
     return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+@pytest.mark.parametrize("whole_word", [False, True])
+def test_loader_workers_mask_as_the_step_would(data, whole_word):
+    """The trainer's loader masks in its 2 workers; every micro-batch, also after a resume at
+    step 3 with 2 micro-batches per step and a linear masking-rate schedule, carries the mask of
+    mask_batch(its tokens, masking_generator(seed, step, rank, micro-batch)) at its step's rate,
+    and the host-made positions, counts and flags of those labels."""
+    from pretrain.masking import TrainMasking, load_word_starts, masking_generator
+
+    data_dir, manifest, _ = data
+    V = manifest["vocab"]["size"]
+    word_start = load_word_starts(data_dir / manifest["vocab"]["spm_model"]) if whole_word else None
+    cfg = MaskingConfig(whole_word=whole_word, schedule="linear", mask_prob=0.1, end_mask_prob=0.4)
+    dcfg = DataConfig(num_workers=2)
+    consumed, gas, rank, world = 6, 2, 1, 2
+    masking = TrainMasking(cfg, seed=7, rank=rank, vocab_size=V, micro_batches_per_step=gas, max_steps=10,
+                           first_step=consumed // gas, first_index=consumed, word_start=word_start)
+    plain = take(build_train_loader(data_dir, manifest, dcfg, rank, world, 8, consumed, micro_batches_per_step=gas), 6)
+    masked = take(build_train_loader(data_dir, manifest, dcfg, rank, world, 8, consumed, micro_batches_per_step=gas,
+                                     masking=masking), 6)
+    for i, (tokens, got) in enumerate(zip(plain, masked)):
+        step, micro = 3 + i // gas, i % gas
+        rate = mask_prob_at(step, cfg, 10)
+        assert rate == pytest.approx(0.1 + 0.3 * step / 10)
+        input_ids, labels = mask_batch(tokens["input_ids"], cfg, masking_generator(7, step, rank, micro), vocab_size=V,
+                                       word_start=word_start, mask_prob=rate)
+        assert got["keys"] == tokens["keys"]
+        assert torch.equal(got["input_ids"], input_ids) and torch.equal(got["labels"], labels)
+        selected = labels.ne(IGNORE_INDEX).flatten()
+        n = int(selected.sum())
+        assert int(got["num_masked"]) == n and got["positions"].numel() % 128 == 0
+        assert torch.equal(got["positions"][:n], selected.nonzero().squeeze(1)) and (got["positions"][n:] == -1).all()
+        assert got["padded"] == bool(tokens["input_ids"].eq(1).any())
+        assert torch.equal(got["seq_tokens"], tokens["input_ids"].ne(1).sum(dim=1))

@@ -177,6 +177,18 @@ def test_bad_inputs_fail_with_one_line(prepared_data, tmp_path):
     assert proc.returncode == 2 and "vocab_size=1234" in error_line(proc)
     proc = pretrain_run(prepared_data, tmp_path / "r4", "deepspeed=zero0", "deepspeed.precision=bf16", check=False)
     assert proc.returncode == 2 and "zero_stage" in error_line(proc)
+    # deepspeed.extra must not undo what precision and zero_stage decide (checkpoints record those)
+    for n, (extra, message) in enumerate([
+        ("+deepspeed.extra.fp16.enabled=true", "fp16: not supported"),
+        ("+deepspeed.extra.zero_optimization.stage=2", "set deepspeed.zero_stage instead"),
+        ("+deepspeed.extra.bf16.enabled=true", "set deepspeed.precision instead"),
+    ]):
+        proc = pretrain_run(prepared_data, tmp_path / f"r5-{n}", "deepspeed=zero1", "deepspeed.precision=fp32", extra,
+                            check=False)
+        assert proc.returncode == 2 and message in error_line(proc), proc.stderr[-2000:]
+    proc = pretrain_run(prepared_data, tmp_path / "r6", "deepspeed=zero1", "deepspeed.precision=bf16",
+                        "+deepspeed.extra.data_types.grad_accum_dtype=bf16", check=False)
+    assert proc.returncode == 2 and "grad_accum_dtype='bf16'" in error_line(proc)
 
 
 def _tiny_hf_model(out: Path, spm_model: Path, vocab_size: int) -> dict:
