@@ -25,9 +25,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from .cli import CONF_DIR
+from .clean import run_clean
 from .config import PrepConfig
+from .dedup import run_dedup
 from .dictionary import Dictionary
 from .encode import BATCH_BYTES, run_encode
+from .inputs import discover
 from .pipeline import run_prep
 from .state import Layout, apply_force, load_marker
 
@@ -53,7 +56,9 @@ def prep_config(cfg: BenchConfig) -> PrepConfig:
 
 def time_encode_stage(layout: Layout, prep: PrepConfig, processes: int, languages: List[str]) -> float:
     """Wall time of the real encode stage (read, encode, pack, write shards) from scratch."""
-    clean_stats = {lang: load_marker(layout.marker("clean", lang))["stats"] for lang in languages}
+    cleaned = run_clean(discover(Path(prep.input_dir)), prep.clean, layout, processes, False, allowed=False)
+    clean_stats = {lang: st for lang, st in run_dedup(layout, cleaned, prep, processes, False, allowed=False).items()
+                   if lang in languages}
     vocab = load_marker(layout.marker("vocab"))["vocab"]
     apply_force(layout, "encode")
     start = time.perf_counter()
@@ -62,7 +67,7 @@ def time_encode_stage(layout: Layout, prep: PrepConfig, processes: int, language
 
 
 def clean_files(layout: Layout) -> List[Path]:
-    return sorted(layout.clean.glob("*.txt"))
+    return sorted(layout.clean.glob("*/*.txt"))
 
 
 def sentencepiece_limit(layout: Layout, dictionary: Dictionary) -> float:

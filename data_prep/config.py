@@ -10,7 +10,7 @@ from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-STAGES = ("clean", "vocab", "encode", "manifest", "report")
+STAGES = ("clean", "dedup", "vocab", "encode", "manifest", "report")
 
 
 @dataclass
@@ -18,8 +18,14 @@ class CleanConfig:
     min_line_chars: int = 2  # after normalization; shorter lines are dropped
     max_line_chars: int = 100_000  # longer lines are dropped (never held in memory whole)
     max_control_fraction: float = 0.1  # lines with more control/replacement chars are junk
-    dedup: bool = True  # exact line dedup per language by hash, as CCNet does
+    dedup: bool = True  # exact line dedup per language by hash, as CCNet does (the dedup stage)
+    chunk_mb: float = 64.0  # text per clean unit (parts cut at document boundaries; not for compressed files)
     index_every_mb: float = 1.0  # spacing of document-boundary offsets for parallel encoding
+
+
+@dataclass
+class DedupConfig:
+    memory_mb: float = 1024.0  # per process: a language's line keys are split into buckets that fit
 
 
 @dataclass
@@ -60,7 +66,7 @@ class ShardConfig:
 
 @dataclass
 class TaskConfig:
-    """This process's share of the encode stage when it runs as a job array (SLURM)."""
+    """This process's share of the clean, dedup and encode units when it runs as a job array (SLURM)."""
 
     index: int = 0
     count: int = 1
@@ -76,6 +82,7 @@ class PrepConfig:
     force: Optional[str] = None  # rebuild this stage and everything after it
     progress: bool = True
     clean: CleanConfig = field(default_factory=CleanConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     vocab: VocabConfig = field(default_factory=VocabConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     split: SplitConfig = field(default_factory=SplitConfig)

@@ -1,10 +1,10 @@
 """Stage 3+4, encode, pack and shard: every language through the shared vocabulary.
 
-A language's cleaned file is cut into chunks of about pack.chunk_mb at document boundaries
-(the clean stage's index), and chunks are encoded in parallel processes. Each chunk streams
-its documents through SentencePiece in batches, splits them into train and held-out
-validation documents, packs each split (`packing.py`) and writes its own shards
-(`shards.py`): shards/LANG/{train,valid}-CHUNK-PART.tar. A chunk's marker, written after its
+A language's clean parts are cut into chunks of about pack.chunk_mb at document boundaries
+(each part's index, written by the dedup stage), and chunks are encoded in parallel
+processes. Each chunk streams its documents through SentencePiece in batches, splits them
+into train and held-out validation documents, packs each split (`packing.py`) and writes its
+own shards (`shards.py`): shards/LANG/{train,valid}-CHUNK-PART.tar. A chunk's marker, written after its
 shards, makes it complete; a rerun redoes only chunks without one.
 
 Validation documents are drawn per language: k = clamp(round(split.valid_fraction * docs),
@@ -40,7 +40,7 @@ BATCH_BYTES = 1 << 20  # text per SentencePiece call: large enough to amortize t
 class EncodeJob:
     lang: str
     chunk: int
-    start: int  # byte range [start, end) of clean/LANG.txt, on document boundaries
+    start: int  # byte range [start, end) of a clean part (clean/LANG/PART.txt), on document boundaries
     end: int
     first_doc: int
     valid_docs: Tuple[int, ...]  # document numbers (language-wide) held out for validation
@@ -67,6 +67,18 @@ def plan_chunks(index: List[List[int]], total_bytes: int, chunk_bytes: int) -> L
     for i, c in enumerate(chunks):
         c[1] = chunks[i + 1][0] if i + 1 < len(chunks) else total_bytes
     return [tuple(c) for c in chunks]
+
+
+def plan_language_chunks(parts: List[Dict], chunk_bytes: int) -> List[Tuple[str, int, int, int]]:
+    """(clean part file, start, end, first_doc) of every chunk of a language, in corpus order:
+    each clean part (clean/LANG/PART.txt) is cut on its own index; documents are numbered
+    language-wide."""
+    chunks, docs = [], 0
+    for part in parts:
+        for start, end, first in plan_chunks(part["index"], part["bytes"], chunk_bytes):
+            chunks.append((part["path"], start, end, docs + first))
+        docs += part["docs"]
+    return chunks
 
 
 def stream_tokens(dictionary: Dictionary, lines: List[str]) -> Tuple[np.ndarray, np.ndarray]:
@@ -176,15 +188,15 @@ def run_encode(layout: Layout, clean_stats: Dict[str, Dict], vocab: Dict, cfg: P
     for lang, st in clean_stats.items():
         done[lang] = []
         valid = tuple(int(d) for d in choose_valid_docs(lang, st["docs"], cfg))
-        clean_fp = load_marker(layout.marker("clean", lang))["fingerprint"]
-        for chunk, (start, end, first_doc) in enumerate(plan_chunks(st["index"], st["bytes"], int(cfg.pack.chunk_mb * 1e6))):
+        clean_fp = load_marker(layout.marker("dedup", f"{lang}/part-00000"))["fingerprint"]
+        for chunk, (part, start, end, first_doc) in enumerate(plan_language_chunks(st["parts"], int(cfg.pack.chunk_mb * 1e6))):
             job = EncodeJob(
                 lang, chunk, start, end, first_doc, valid,
-                layout.clean / f"{lang}.txt", layout.shards / lang, spm_path,
+                layout.root / part, layout.shards / lang, spm_path,
                 cfg.pack.seq_len, int(cfg.shard.target_mb * 1e6),
             )
             name = f"{lang}/{chunk:05d}"
-            fp = fingerprint({"clean": clean_fp, "vocab": vocab["sha256"], "chunk": [start, end, first_doc],
+            fp = fingerprint({"clean": clean_fp, "vocab": vocab["sha256"], "chunk": [part, start, end, first_doc],
                               "valid": valid, "seq_len": cfg.pack.seq_len, "shard": cfg.shard.target_mb})
             if layout.is_done("encode", name, fp):
                 done[lang].append(load_marker(layout.marker("encode", name))["result"])
@@ -198,7 +210,7 @@ def run_encode(layout: Layout, clean_stats: Dict[str, Dict], vocab: Dict, cfg: P
     mine, todo = set(planned[cfg.task.index::cfg.task.count]), set(pending)
     jobs = [job for job in planned if job in mine and job in todo]
     total = sum(j.end - j.start for j in jobs)
-    for result in parallel.run_jobs(encode_chunk, jobs, workers=workers, desc="encode+pack+shard", total=total, progress=progress):
+    for result in parallel.iter_jobs(encode_chunk, jobs, workers=workers, desc="encode+pack+shard", total=total, progress=progress):
         name = f"{result['lang']}/{result['chunk']:05d}"
         for rec in result["shards"]:
             rec["path"] = str(Path(rec["path"]).relative_to(layout.root))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from tqdm import tqdm
 
@@ -34,7 +34,7 @@ def resolve_workers(workers: int) -> int:
     return workers if workers > 0 else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def run_jobs(
+def iter_jobs(
     fn: Callable,
     jobs: Sequence,
     *,
@@ -43,32 +43,41 @@ def run_jobs(
     unit: str = "B",
     total: Optional[int] = None,
     progress: bool = True,
-) -> List:
-    """fn(job) for every job; results in job order."""
+) -> Iterator:
+    """fn(job) for every job, each result handed back the moment its job is done.
+
+    Results come in completion order (job order with one process), so that the caller can
+    record each unit as complete right away: a kill then loses only the jobs in flight. What
+    the stages write never depends on that order, only on which units are complete.
+    """
     if not jobs:
-        return []
+        return
     ctx = mp.get_context("fork")
     counter = ctx.Value("q", 0)
     bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1000, disable=not progress, dynamic_ncols=True)
     try:
         if workers <= 1 or len(jobs) <= 1:
             _init(counter)
-            results = []
             for job in jobs:
-                results.append(fn(job))
+                result = fn(job)
                 bar.update(counter.value - bar.n)
-            return results
+                yield result
+            return
         with ctx.Pool(min(workers, len(jobs)), initializer=_init, initargs=(counter,)) as pool:
             pending = [pool.apply_async(fn, (job,)) for job in jobs]
-            while not all(p.ready() for p in pending):
+            while pending:
+                still = []
                 for p in pending:
-                    if p.ready() and not p.successful():
-                        p.get()  # re-raise the worker's exception; the pool is terminated on exit
+                    if not p.ready():
+                        still.append(p)
+                        continue
+                    result = p.get()  # re-raises the worker's exception; the pool is terminated on exit
+                    bar.update(counter.value - bar.n)
+                    yield result
+                pending = still
                 bar.update(counter.value - bar.n)
-                time.sleep(0.1)
-            results = [p.get() for p in pending]
-            bar.update(counter.value - bar.n)
-            return results
+                if pending:
+                    time.sleep(0.05)
     finally:
         _init(None)
         bar.close()

@@ -1,8 +1,11 @@
-"""`xlmr-prep` top to bottom: clean -> vocab -> encode+pack+shard -> manifest -> report.
+"""`xlmr-prep` top to bottom: clean -> dedup -> vocab -> encode+pack+shard -> manifest -> report.
 
-Every stage skips work whose completion marker matches its inputs (see state.py), so a rerun
-after a crash, kill -9 or full disk continues where the last one stopped; `force=STAGE`
-deletes that stage's outputs and everything after it and rebuilds them.
+Every stage is a set of units, each recorded complete by its marker the moment it is done
+(units.py, state.py), so a rerun after a crash, kill -9 or full disk continues where the last
+one stopped, losing only the units in flight; `force=STAGE` deletes that stage's outputs and
+everything after it and rebuilds them. As job array tasks (task.index of task.count), clean,
+dedup and encode each do their share of the units; a task stops after its share while other
+tasks' units of the stage are missing.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from . import parallel
 from .atomic import remove_stale_tmp_files
 from .clean import run_clean
 from .config import STAGES, PrepConfig
+from .dedup import run_dedup
 from .encode import run_encode
 from .errors import PrepError
 from .inputs import discover
@@ -34,8 +38,11 @@ def check_config(cfg: PrepConfig) -> None:
         raise PrepError(f"vocab.size must be >= 8, got {cfg.vocab.size}")
     if not 0 <= cfg.split.valid_fraction < 1:
         raise PrepError(f"split.valid_fraction must be in [0, 1), got {cfg.split.valid_fraction}")
-    if cfg.shard.target_mb <= 0 or cfg.pack.chunk_mb <= 0:
-        raise PrepError("shard.target_mb and pack.chunk_mb must be > 0")
+    if cfg.shard.target_mb <= 0 or cfg.pack.chunk_mb <= 0 or cfg.clean.chunk_mb <= 0 or cfg.dedup.memory_mb <= 0:
+        raise PrepError("shard.target_mb, pack.chunk_mb, clean.chunk_mb and dedup.memory_mb must be > 0")
+    if cfg.pack.chunk_mb < cfg.clean.index_every_mb:  # chunks are cut only at the index's points
+        raise PrepError(f"pack.chunk_mb={cfg.pack.chunk_mb} is below clean.index_every_mb={cfg.clean.index_every_mb}, "
+                        "the spacing of the points encode chunks are cut at: raise pack.chunk_mb or lower clean.index_every_mb")
     if unknown := set(cfg.stages) - set(STAGES):
         raise PrepError(f"unknown stage(s) {sorted(unknown)} in stages=; stages are {', '.join(STAGES)}")
     if not 0 <= cfg.task.index < cfg.task.count:
@@ -58,6 +65,13 @@ def split_excluded(clean_stats: Dict[str, Dict]):
     return kept, excluded
 
 
+def task_done(cfg: PrepConfig, stage: str) -> Dict:
+    """An array task whose share of a stage is done while other tasks' units are missing."""
+    log.info("%s: task %d of %d has done its share; units of other tasks are missing, the next job (or a rerun) "
+             "continues when they are done", stage, cfg.task.index, cfg.task.count)
+    return {}
+
+
 def run_prep(cfg: PrepConfig) -> Dict:
     check_config(cfg)
     layout = Layout(Path(cfg.output_dir).resolve())
@@ -76,16 +90,23 @@ def run_prep(cfg: PrepConfig) -> Dict:
 
     wanted = set(cfg.stages)
     last = max(STAGES.index(s) for s in wanted)
-    clean_stats, excluded = split_excluded(run_clean(inventory, cfg.clean, layout, workers, cfg.progress, "clean" in wanted))
+    cleaned = run_clean(inventory, cfg.clean, layout, workers, cfg.progress, "clean" in wanted, cfg.task)
+    if cleaned is None:
+        return task_done(cfg, "clean")
+    if last < STAGES.index("dedup"):
+        return {}
+    clean_stats = run_dedup(layout, cleaned, cfg, workers, cfg.progress, "dedup" in wanted)
+    if clean_stats is None:
+        return task_done(cfg, "dedup")
+    clean_stats, excluded = split_excluded(clean_stats)
     if last < STAGES.index("vocab"):
         return {}
-    vocab = run_vocab(layout, clean_stats, cfg, cfg.progress, "vocab" in wanted)
+    vocab = run_vocab(layout, clean_stats, cfg, workers, cfg.progress, "vocab" in wanted)
     if last < STAGES.index("encode"):
         return {}
     chunks = run_encode(layout, clean_stats, vocab, cfg, workers, cfg.progress, "encode" in wanted)
     if chunks is None:
-        log.info("encode task %d of %d complete; stages=[manifest,report] merges when all are", cfg.task.index, cfg.task.count)
-        return {}
+        return task_done(cfg, "encode")
     if last < STAGES.index("manifest"):
         return {}
     manifest = build_manifest(layout, cfg, clean_stats, vocab, chunks, excluded, inventory.skipped)

@@ -55,6 +55,14 @@ class Layout:
         return self.root / "routed"
 
     @property
+    def filtered(self) -> Path:
+        return self.root / "filtered"
+
+    @property
+    def dedup(self) -> Path:
+        return self.root / "dedup"
+
+    @property
     def clean(self) -> Path:
         return self.root / "clean"
 
@@ -98,8 +106,9 @@ class Layout:
     def outputs_of(self, stage: str) -> list:
         """Everything a stage produces, removed when the stage is forced."""
         return {
-            "clean": [self.routed, self.clean, self.state / "route", self.state / "clean"],
-            "vocab": [self.vocab, self.marker("vocab")],
+            "clean": [self.routed, self.filtered, self.state / "route", self.state / "clean"],
+            "dedup": [self.dedup, self.clean, self.state / "dedup"],
+            "vocab": [self.vocab, self.marker("vocab"), self.state / "vocab"],
             "encode": [self.shards, self.state / "encode"],
             "manifest": [self.manifest],
             "report": [self.report],

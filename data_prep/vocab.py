@@ -4,15 +4,19 @@ Language shares p_i count cleaned lines (paragraphs, the unit SentencePiece samp
 sample takes round(q_i * S) lines from language i with q_i = p_i^α / Σ_j p_j^α
 (`sampling.temperature_probs`) and S = min(vocab.sample_lines, all cleaned lines). A language
 with fewer lines than its quota is repeated (up-sampled), one with more is subsampled
-uniformly. The sample is drawn by streaming over the cleaned files with pre-drawn line
-numbers, never loading the corpus, and written to vocab/sample.txt for SentencePiece.
+uniformly. The sample is drawn in parallel, one unit per clean part (sample_units), each
+streaming over its part with pre-drawn line numbers, never loading the corpus; the parts
+(vocab/sample/LANG/PART.txt) are joined into vocab/sample.txt for SentencePiece.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List, Tuple
 
 import numpy as np
 import sentencepiece as spm
@@ -24,6 +28,7 @@ from .dictionary import Dictionary
 from .errors import PrepError
 from .sampling import temperature_probs
 from .state import Layout, file_identity, fingerprint, load_marker, require_allowed, sha256_file
+from .units import Unit, run_units
 
 log = logging.getLogger(__name__)
 
@@ -34,40 +39,84 @@ def sample_quotas(lines: Dict[str, int], alpha: float, sample_lines: int) -> Dic
     return {lang: int(round(q[lang] * total)) for lang in lines}
 
 
-def line_multiplicities(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    """How often each of n lines enters a sample of k: every line k // n times, plus a
-    uniformly drawn subset of k % n lines once more."""
-    reps, rest = divmod(k, n)
-    counts = np.full(n, reps, dtype=np.int64)
-    counts[rng.choice(n, size=rest, replace=False)] += 1
-    return counts
+def part_extras(part_lines: List[int], rest: int, rng: np.random.Generator) -> np.ndarray:
+    """How many of a language's `rest` extra lines (drawn uniformly without replacement from
+    all its lines) fall in each part: a multivariate hypergeometric draw, so that each part
+    can then draw its own lines alone."""
+    return rng.multivariate_hypergeometric(np.asarray(part_lines, dtype=np.int64), rest, method="marginals")
 
 
-def write_sample(layout: Layout, quotas: Dict[str, int], line_counts: Dict[str, int], cfg: PrepConfig, out: Path) -> Dict:
-    rng = np.random.default_rng(cfg.seed)
-    written = {lang: 0 for lang in quotas}
-    skipped_long = 0
-    with atomic_open(out, "wb") as f:
-        for lang in sorted(quotas):
-            if quotas[lang] == 0:
+@dataclass(frozen=True)
+class SampleJob:
+    lang: str
+    part: int
+    path: Path  # the clean part
+    lines: int
+    reps: int  # every line of the language enters the sample reps times...
+    extra: int  # ...and this many of the part's lines once more
+    seed: Tuple[int, ...]
+    out: Path
+    max_bytes: int
+
+
+def sample_part(job: SampleJob) -> Tuple[Dict, List[Path]]:
+    """One clean part's share of the sample. Memory: the part's chosen line numbers."""
+    chosen = np.sort(np.random.default_rng(job.seed).choice(job.lines, size=job.extra, replace=False)).tolist()
+    written = skipped_long = 0
+    at = 0  # next index into chosen
+    with open(job.path, "rb") as src, atomic_open(job.out, "wb") as f:
+        i = 0
+        for line in src:
+            if line == b"\n":
                 continue
-            counts = line_multiplicities(line_counts[lang], quotas[lang], rng)
-            i = 0
-            with open(layout.clean / f"{lang}.txt", "rb") as src:
-                for line in src:
-                    if line == b"\n":
-                        continue
-                    c = counts[i]
-                    i += 1
-                    if c == 0:
-                        continue
-                    if len(line) > cfg.vocab.max_sentence_bytes:
-                        skipped_long += int(c)
-                        continue
-                    f.write(line * int(c))
-                    written[lang] += int(c)
-                    parallel.advance(len(line) * int(c))
-    return {"lines": written, "skipped_too_long": skipped_long}
+            c = job.reps
+            if at < len(chosen) and chosen[at] == i:
+                c += 1
+                at += 1
+            i += 1
+            if c == 0:
+                continue
+            if len(line) > job.max_bytes:
+                skipped_long += c
+                continue
+            f.write(line * c)
+            written += c
+            parallel.advance(len(line) * c)
+    return {"lang": job.lang, "part": job.part, "lines": written, "skipped_too_long": skipped_long}, [job.out]
+
+
+def sample_units(layout: Layout, quotas: Dict[str, int], clean_stats: Dict[str, Dict], cfg: PrepConfig, fp: str) -> List[Unit]:
+    """The sample's units, one per clean part with lines in it. A language's quota k over its
+    n lines: every line k // n times, plus k % n lines drawn uniformly without replacement,
+    dealt to the parts by a hypergeometric draw seeded by (seed, language)."""
+    units = []
+    for lang in sorted(quotas):
+        parts, n = clean_stats[lang]["parts"], clean_stats[lang]["lines"]
+        if quotas[lang] == 0:
+            continue
+        reps, rest = divmod(quotas[lang], n)
+        crc = zlib.crc32(lang.encode())
+        extras = part_extras([p["lines"] for p in parts], rest, np.random.default_rng([cfg.seed, crc]))
+        for i, (part, extra) in enumerate(zip(parts, extras.tolist())):
+            if part["lines"] == 0 or reps == 0 and extra == 0:
+                continue
+            out = layout.vocab / "sample" / lang / f"{i:05d}.txt"
+            job = SampleJob(lang, i, layout.root / part["path"], part["lines"], reps, extra, (cfg.seed, crc, i), out,
+                            cfg.vocab.max_sentence_bytes)
+            units.append(Unit(f"{lang}/{i:05d}", fp, job, part["bytes"]))
+    return units
+
+
+def write_sample(layout: Layout, units: List[Unit], workers: int, cfg: PrepConfig, progress: bool, out: Path) -> Dict:
+    """Draw the sample part by part (resumable units), then join the parts in order."""
+    drawn = run_units(layout, "vocab", units, sample_part, workers=workers, progress=progress, desc="vocab sample")
+    written: Dict[str, int] = {}
+    with atomic_open(out, "wb") as f:
+        for unit in units:
+            written[unit.job.lang] = written.get(unit.job.lang, 0) + drawn[unit.name]["lines"]
+            with open(unit.job.out, "rb") as part:
+                shutil.copyfileobj(part, f)
+    return {"lines": written, "skipped_too_long": sum(d["skipped_too_long"] for d in drawn.values())}
 
 
 def memory_estimate_gb(sample_lines: int, gb_per_million: float) -> float:
@@ -115,7 +164,8 @@ def machine_independent(model: bytes) -> bytes:
     return proto.SerializeToString()
 
 
-def run_vocab(layout: Layout, clean_stats: Dict[str, Dict], cfg: PrepConfig, progress: bool, allowed: bool = True) -> Dict:
+def run_vocab(layout: Layout, clean_stats: Dict[str, Dict], cfg: PrepConfig, workers: int, progress: bool,
+              allowed: bool = True) -> Dict:
     """Returns the vocabulary record: hash, sizes and the sampling it was trained on."""
     line_counts = {lang: s["lines"] for lang, s in clean_stats.items()}
     model_path = layout.vocab / "spm.model"
@@ -151,10 +201,8 @@ def run_vocab(layout: Layout, clean_stats: Dict[str, Dict], cfg: PrepConfig, pro
                 f"{have:.0f} GB: lower vocab.sample_lines (or run the vocab job on a bigger node)"
             )
         sample = layout.vocab / "sample.txt"
-        drawn = parallel.run_jobs(
-            lambda _: write_sample(layout, quotas, line_counts, cfg, sample), [None], workers=1,
-            desc="vocab sample", progress=progress,
-        )[0]
+        units = sample_units(layout, quotas, clean_stats, cfg, fp)
+        drawn = write_sample(layout, units, workers, cfg, progress, sample)
         record["sample"] = drawn
         prefix = tmp_path_for(layout.vocab / "spm")
         log.info("training SentencePiece %s, %d pieces, character_coverage %s", cfg.vocab.model_type,

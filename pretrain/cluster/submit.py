@@ -3,9 +3,10 @@
     xlmr-submit input_dir=/data/cc100 output_dir=/data/xlmr run_dir=/runs/base model=base \\
         slurm.partition=gpu slurm.nodes=4 slurm.ntasks_per_node=8 slurm.gpus_per_node=8
 
-submits slurm/prep_vocab.sbatch -> slurm/prep_encode.sbatch (a job array) ->
-slurm/prep_merge.sbatch -> slurm/pretrain.sbatch, each `--dependency=afterok:` on the one
-before, and prints the job ids. Resources come from this command's config (conf/submit.yaml,
+submits slurm/prep_clean.sbatch, prep_dedup.sbatch and prep_apply.sbatch (three job arrays)
+-> slurm/prep_vocab.sbatch -> slurm/prep_encode.sbatch (a job array) -> slurm/prep_merge.sbatch
+-> slurm/pretrain.sbatch, each `--dependency=afterok:` on the one before, and prints the job
+ids. Resources come from this command's config (conf/submit.yaml,
 schema `SubmitConfig` below), never from editing the scripts: sbatch's command-line options
 override the scripts' #SBATCH lines.
 
@@ -31,13 +32,17 @@ from omegaconf import DictConfig, OmegaConf
 REPO = Path(__file__).resolve().parents[2]
 CONF_DIR = str(REPO / "conf")
 SCRIPTS = REPO / "slurm"
-JOBS = ("vocab", "encode", "merge", "pretrain")
-PREP_JOBS = JOBS[:3]
+JOBS = ("clean", "dedup", "apply", "vocab", "encode", "merge", "pretrain")
+PREP_JOBS = JOBS[:6]
+ARRAYS = {"clean": "clean_tasks", "dedup": "dedup_tasks", "apply": "apply_tasks", "encode": "encode_tasks"}  # job: its array size key
 
 
 @dataclass
 class PrepSlurmConfig:
-    """Resources of the prep jobs (CPU only)."""
+    """Resources of the prep jobs (CPU only); array sizes: see the README's cluster workflow."""
+    clean_tasks: int = 16        # array tasks of the clean job (each gets a share of the clean parts)
+    dedup_tasks: int = 4         # array tasks of the dedup job (each gets a share of the buckets)
+    apply_tasks: int = 16        # array tasks of the apply job (each filters a share of the clean parts)
     encode_tasks: int = 4        # array tasks of the encode job (each gets a share of the chunks)
     cpus_per_task: int = 8       # also xlmr-prep's workers
     time: str = "04:00:00"
@@ -111,7 +116,7 @@ def route_overrides(overrides: list[str]) -> tuple[list[str], list[str], str, st
     fixed = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("stages", "task.index", "task.count")]
     if fixed:
         raise SubmitError(f"{fixed}: the jobs set the prep stages and array tasks themselves "
-                          "(choose jobs with jobs=[...], the array size with slurm.prep.encode_tasks=)")
+                          "(choose jobs with jobs=[...], the array sizes with slurm.prep.clean_tasks=, dedup_tasks=, apply_tasks=, encode_tasks=)")
     prep, pretrain = [], []
     for override in overrides:
         errors = []
@@ -148,8 +153,8 @@ def sbatch_commands(cfg: SubmitConfig, prep: list[str], pretrain: list[str], out
     unknown = [j for j in cfg.jobs if j not in JOBS]
     if unknown:
         raise SubmitError(f"jobs={list(cfg.jobs)}: unknown {unknown}; choose from {list(JOBS)}")
-    if s.nodes < 1 or s.ntasks_per_node < 1 or s.gpus_per_node < 0 or p.encode_tasks < 1:
-        raise SubmitError("slurm.nodes, slurm.ntasks_per_node and slurm.prep.encode_tasks must be >= 1, "
+    if s.nodes < 1 or s.ntasks_per_node < 1 or s.gpus_per_node < 0 or min(getattr(p, k) for k in ARRAYS.values()) < 1:
+        raise SubmitError("slurm.nodes, slurm.ntasks_per_node and slurm.prep.{clean,dedup,apply,encode}_tasks must be >= 1, "
                           "slurm.gpus_per_node >= 0")
     if s.gpus_per_node and s.ntasks_per_node != s.gpus_per_node:
         raise SubmitError(f"one task per GPU: slurm.ntasks_per_node={s.ntasks_per_node} but "
@@ -164,13 +169,11 @@ def sbatch_commands(cfg: SubmitConfig, prep: list[str], pretrain: list[str], out
         argv = ["sbatch", "--parsable", *_common_args(s)]
         if commands:
             argv.append("--dependency=afterok:{dep}")
-        if job == "vocab":
-            argv += [*prep_res, f"--output={prep_logs}/%x-%j.out", str(SCRIPTS / "prep_vocab.sbatch"), *prep]
-        elif job == "encode":
-            argv += [*prep_res, f"--array=0-{p.encode_tasks - 1}", f"--output={prep_logs}/%x-%A_%a.out",
-                     str(SCRIPTS / "prep_encode.sbatch"), *prep]
-        elif job == "merge":
-            argv += [*prep_res, f"--output={prep_logs}/%x-%j.out", str(SCRIPTS / "prep_merge.sbatch"), *prep]
+        if job in ARRAYS:
+            argv += [*prep_res, f"--array=0-{getattr(p, ARRAYS[job]) - 1}", f"--output={prep_logs}/%x-%A_%a.out",
+                     str(SCRIPTS / f"prep_{job}.sbatch"), *prep]
+        elif job in PREP_JOBS:
+            argv += [*prep_res, f"--output={prep_logs}/%x-%j.out", str(SCRIPTS / f"prep_{job}.sbatch"), *prep]
         else:
             argv += [f"--nodes={s.nodes}", f"--ntasks-per-node={s.ntasks_per_node}",
                      f"--cpus-per-task={s.cpus_per_task}", f"--time={s.time}",

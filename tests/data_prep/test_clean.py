@@ -9,7 +9,8 @@ import pytest
 import zstandard
 
 from data_prep.clean import LineCleaner, dedup_key, normalize_line, run_clean
-from data_prep.config import CleanConfig
+from data_prep.config import CleanConfig, PrepConfig
+from data_prep.dedup import run_dedup
 from data_prep.inputs import discover, read_bounded_lines
 from data_prep.state import Layout
 from tests.data_prep.corpus import cc100_text, sample_docs
@@ -35,14 +36,22 @@ def test_line_filters_are_counted():
         "Zweite Zeile".encode(),
     ]
     kept = [t for t in map(cleaner, lines) if t is not None]
-    assert kept == ["Hello world", "Zweite Zeile"]
-    assert cleaner.counts == {"too_long": 2, "invalid_utf8": 1, "binary": 2, "too_short": 1, "duplicate": 2, "empty_docs": 0}
+    assert kept == ["Hello world", "hello WORLD", "Hello world", "Zweite Zeile"]  # duplicates: the dedup stage
+    assert cleaner.counts == {"too_long": 2, "invalid_utf8": 1, "binary": 2, "too_short": 1, "duplicate": 0, "empty_docs": 0}
 
 
 def test_read_bounded_lines_skips_a_huge_line_without_holding_it():
     huge = b"A" * (50 * 1024 * 1024)
     stream = io.BytesIO(b"first\n" + huge + b"\nlast\n")
     assert list(read_bounded_lines(stream, max_bytes=1000)) == [b"first", None, b"last"]
+
+
+def clean_and_dedup(inp, out, workers=1, **clean):
+    """The clean and dedup stages in this process: (per-language stats, per-language text)."""
+    cfg = PrepConfig(input_dir=str(inp), output_dir=str(out), clean=CleanConfig(**clean))
+    layout = Layout(out)
+    stats = run_dedup(layout, run_clean(discover(inp), cfg.clean, layout, workers, False), cfg, workers, False)
+    return stats, {lang: "".join((out / p["path"]).read_text(encoding="utf-8") for p in st["parts"]) for lang, st in stats.items()}
 
 
 def write_compressed(path, data: bytes):
@@ -61,9 +70,10 @@ def test_every_compression_cleans_the_same(tmp_path, suffix):
     docs = sample_docs("de", max_bytes=30_000)
     (tmp_path / "in").mkdir()
     write_compressed(tmp_path / "in" / f"de{suffix}", cc100_text(docs).encode())
-    stats = run_clean(discover(tmp_path / "in"), CleanConfig(dedup=False), Layout(tmp_path / "out"), 1, False)
+    stats, text = clean_and_dedup(tmp_path / "in", tmp_path / "out", dedup=False, chunk_mb=0.005)
     expected = cc100_text([[normalize_line(p) for p in d] for d in docs])
-    assert (tmp_path / "out" / "clean" / "de.txt").read_text(encoding="utf-8") == expected
+    assert text["de"] == expected
+    assert (len(stats["de"]["parts"]) > 1) == (suffix == ".txt")  # compressed files are one part
     assert stats["de"]["docs"] == len(docs)
 
 
@@ -78,10 +88,10 @@ def test_jsonl_and_parquet_records_are_routed_by_language(tmp_path):
     write_compressed(tmp_path / "in" / "part-0.jsonl.gz", ("\n".join(lines) + "\n").encode())
     pq.write_table(pa.table({"text": ["\n\n".join(d) for d in fr], "lang": ["fr"] * len(fr)}), tmp_path / "in" / "part-1.parquet")
     layout = Layout(tmp_path / "out")
-    stats = run_clean(discover(tmp_path / "in"), CleanConfig(dedup=False), layout, 2, False)
+    stats, text = clean_and_dedup(tmp_path / "in", tmp_path / "out", workers=2, dedup=False)
     assert sorted(stats) == ["de", "fr"]
     for lang, docs in (("de", de), ("fr", fr)):
         expected = cc100_text([[normalize_line(p) for p in d] for d in docs])
-        assert (tmp_path / "out" / "clean" / f"{lang}.txt").read_text(encoding="utf-8") == expected
-    route = json.loads((layout.marker("route", "part-0.jsonl.gz")).read_text())["stats"]
+        assert text[lang] == expected
+    route = json.loads((layout.marker("route", "part-0.jsonl.gz")).read_text())["result"]
     assert route["bad_json"] == 1 and route["missing_text_or_lang"] == 1 and route["records"] == len(de)

@@ -46,7 +46,8 @@ def expected_streams(prepared_data, lang, dictionary, valid_docs):
     """The token stream of each split, encoded line by line straight from the cleaned text."""
     streams = {"train": [], "valid": []}
     doc = 0
-    for line in (prepared_data / "clean" / f"{lang}.txt").read_text(encoding="utf-8").split("\n")[:-1]:
+    text = "".join(p.read_text(encoding="utf-8") for p in sorted((prepared_data / "clean" / lang).glob("*.txt")))
+    for line in text.split("\n")[:-1]:
         split = "valid" if doc in valid_docs else "train"
         if line:
             streams[split] += [p + 1 if p != 0 else 3 for p in dictionary.sp.encode(line)] + [EOS]

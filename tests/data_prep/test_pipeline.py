@@ -32,18 +32,18 @@ def test_rerun_skips_complete_stages_and_force_rebuilds(tmp_path):
     inp, out = small_corpus(tmp_path / "in"), tmp_path / "out"
     prep(inp, out)
     first = manifest_of(out)
-    clean, vocab, shards = mtimes(out, "clean/*.txt"), mtimes(out, "vocab/spm.model"), mtimes(out, "shards/*/*.tar")
+    clean, vocab, shards = mtimes(out, "clean/*/*.txt"), mtimes(out, "vocab/spm.model"), mtimes(out, "shards/*/*.tar")
     prep(inp, out)  # everything complete: nothing is rewritten
-    assert (mtimes(out, "clean/*.txt"), mtimes(out, "vocab/spm.model"), mtimes(out, "shards/*/*.tar")) == (clean, vocab, shards)
+    assert (mtimes(out, "clean/*/*.txt"), mtimes(out, "vocab/spm.model"), mtimes(out, "shards/*/*.tar")) == (clean, vocab, shards)
     assert [s["sha256"] for s in manifest_of(out)["shards"]] == [s["sha256"] for s in first["shards"]]
 
     prep(inp, out, "force=encode")  # shards rebuilt, identical; clean and vocab kept
-    assert mtimes(out, "clean/*.txt") == clean and mtimes(out, "vocab/spm.model") == vocab
+    assert mtimes(out, "clean/*/*.txt") == clean and mtimes(out, "vocab/spm.model") == vocab
     assert all(mtimes(out, "shards/*/*.tar")[p] != t for p, t in shards.items())
     assert [s["sha256"] for s in manifest_of(out)["shards"]] == [s["sha256"] for s in first["shards"]]
 
     prep(inp, out, "force=vocab", "vocab.size=450")  # a new vocabulary and everything after it
-    assert mtimes(out, "clean/*.txt") == clean
+    assert mtimes(out, "clean/*/*.txt") == clean
     assert manifest_of(out)["vocab"]["sha256"] != first["vocab"]["sha256"]
     assert manifest_of(out)["vocab"]["size"] == 452
 
@@ -75,9 +75,9 @@ def test_kill_9_at_any_point_then_rerun_completes_identically(tmp_path):
         for marker in out.glob("state/encode/*/*.json"):
             for shard in json.loads(marker.read_text())["result"]["shards"]:
                 assert (out / shard["path"]).stat().st_size == shard["bytes"]
-        for marker in out.glob("state/clean/*.json"):
-            stats = json.loads(marker.read_text())["stats"]
-            assert (out / "clean" / f"{stats['lang']}.txt").stat().st_size == stats["bytes"]
+        for marker in out.glob("state/dedup/*/part-*.json"):
+            lang, part = marker.parent.name, json.loads(marker.read_text())["result"]
+            assert (out / "clean" / lang / f"{part['part']:05d}.txt").stat().st_size == part["bytes"]
     run_prep(*args)
     resumed = manifest_of(out)
     assert resumed["languages"].keys() == set(("en", "de", "fr", "ru"))
@@ -168,22 +168,39 @@ def test_full_disk_is_a_clear_error_and_rerun_resumes(tmp_path):
             subprocess.run(["umount", str(disk)])
 
 
-def test_stages_as_separate_jobs_and_an_encode_array(tmp_path):
-    """The SLURM layout: vocab job, encode job array, merge job; equal to one plain run."""
+def test_stages_as_separate_jobs_and_job_arrays(tmp_path):
+    """The SLURM layout: clean, dedup and encode job arrays, the vocab job, the merge job;
+    equal to one plain run."""
     inp = small_corpus(tmp_path / "in")
     whole, split = tmp_path / "whole", tmp_path / "split"
-    prep(inp, whole, "pack.chunk_mb=0.01")
-    jobs = lambda *a: prep(inp, split, "pack.chunk_mb=0.01", *a, check=False)  # noqa: E731
+    chunks = ["pack.chunk_mb=0.01", "clean.index_every_mb=0.002", "clean.chunk_mb=0.01", "dedup.memory_mb=0.005"]
+    prep(inp, whole, *chunks)
+    jobs = lambda *a: prep(inp, split, *chunks, *a, check=False)  # noqa: E731
+    array = lambda stage, index: jobs(f"stages=[{stage}]", f"task.index={index}", "task.count=3")  # noqa: E731
     assert_clear_error(jobs("stages=[manifest,report]"), "stage 'clean' is not complete")
-    assert jobs("stages=[clean,vocab]").returncode == 0
+    assert array("clean", 1).returncode == 0
+    assert_clear_error(jobs("stages=[dedup]"), "stage 'clean' is not complete")
+    assert all(array("clean", i).returncode == 0 for i in (0, 2))
+    assert array("dedup", 2).returncode == 0
+    assert_clear_error(jobs("stages=[vocab]"), "stage 'dedup' is not complete")
+    assert all(array("dedup", i).returncode == 0 for i in (0, 1))
+    assert jobs("stages=[dedup,vocab]").returncode == 0  # the vocab job finishes what the array left
     assert_clear_error(jobs("stages=[manifest,report]"), "stage 'encode' is not complete")
-    assert jobs("stages=[encode]", "task.index=1", "task.count=3").returncode == 0
+    assert array("encode", 1).returncode == 0
     assert not (split / "manifest.json").exists()
     assert_clear_error(jobs("stages=[manifest,report]"), "stage 'encode' is not complete")
     for index in (0, 2):
-        assert jobs("stages=[encode]", f"task.index={index}", "task.count=3").returncode == 0
+        assert array("encode", index).returncode == 0
     assert jobs("stages=[manifest,report]").returncode == 0
     got, expected = manifest_of(split), manifest_of(whole)
     assert len(got["shards"]) > 3
     assert [(s["path"], s["sha256"]) for s in got["shards"]] == [(s["path"], s["sha256"]) for s in expected["shards"]]
+    assert got["languages"] == expected["languages"]
+    # the clean array made every part a plain run makes
+    assert len(list(split.glob("state/clean/*/*.json"))) == len(list(whole.glob("state/clean/*/*.json"))) > 12
     assert_clear_error(jobs("stages=[encode]", "task.index=3", "task.count=3"), "task.index must be in")
+
+
+def test_pack_chunks_below_the_index_spacing_are_an_error(tmp_path):
+    proc = prep(small_corpus(tmp_path / "in"), tmp_path / "out", "pack.chunk_mb=0.5", check=False)
+    assert_clear_error(proc, "pack.chunk_mb=0.5 is below clean.index_every_mb=1.0")

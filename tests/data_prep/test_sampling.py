@@ -1,9 +1,8 @@
 import pytest
 
 from data_prep.sampling import temperature_probs
-from data_prep.vocab import line_multiplicities, sample_quotas
+from data_prep.vocab import sample_quotas
 
-import numpy as np
 
 
 def test_temperature_half_by_hand():
@@ -45,11 +44,3 @@ def test_sample_quotas_follow_q_and_cap():
     assert quotas == {"a": 750, "b": 250}
     # never more lines than the corpus has in total
     assert sum(sample_quotas({"a": 30, "b": 10}, 0.5, sample_lines=1000).values()) == 40
-
-
-def test_line_multiplicities_upsample_and_subsample():
-    rng = np.random.default_rng(0)
-    up = line_multiplicities(10, 25, rng)
-    assert up.sum() == 25 and set(up.tolist()) <= {2, 3}
-    down = line_multiplicities(100, 7, rng)
-    assert down.sum() == 7 and set(down.tolist()) <= {0, 1}

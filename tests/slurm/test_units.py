@@ -62,12 +62,16 @@ def test_sbatch_commands_take_resources_from_config():
     cfg = SubmitConfig()
     cfg.slurm.partition, cfg.slurm.account, cfg.slurm.nodes = "gpu", "proj1", 4
     cfg.slurm.ntasks_per_node = cfg.slurm.gpus_per_node = 8
-    cfg.slurm.prep.encode_tasks = 16
+    cfg.slurm.prep.encode_tasks, cfg.slurm.prep.clean_tasks, cfg.slurm.prep.dedup_tasks, cfg.slurm.prep.apply_tasks = 16, 24, 3, 5
     commands = dict(sbatch_commands(cfg, ["output_dir=/d"], ["data_dir=/d", "run_dir=/r"], "/d", "/r"))
-    assert list(commands) == ["vocab", "encode", "merge", "pretrain"]
-    assert "--dependency=afterok:{dep}" not in commands["vocab"]
-    assert all("--dependency=afterok:{dep}" in commands[j] for j in ("encode", "merge", "pretrain"))
-    assert "--array=0-15" in commands["encode"]
+    assert list(commands) == ["clean", "dedup", "apply", "vocab", "encode", "merge", "pretrain"]
+    assert "--dependency=afterok:{dep}" not in commands["clean"]
+    assert all("--dependency=afterok:{dep}" in commands[j] for j in ("dedup", "apply", "vocab", "encode", "merge", "pretrain"))
+    assert "--array=0-15" in commands["encode"] and "--array=0-23" in commands["clean"] and "--array=0-2" in commands["dedup"]
+    assert "--array=0-4" in commands["apply"]
+    assert not any(a.startswith("--array") for a in commands["vocab"] + commands["merge"])
+    for job in ("clean", "dedup", "apply", "vocab", "encode", "merge"):
+        assert commands[job][-2] == str(REPO / "slurm" / f"prep_{job}.sbatch")
     pre = commands["pretrain"]
     for arg in ("--partition=gpu", "--account=proj1", "--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8",
                 "--signal=B:USR1@120", "--output=/r/slurm/%x-%j.out"):
@@ -86,7 +90,7 @@ def test_xlmr_submit_dry_run_and_typos():
                               cwd=REPO, timeout=120)
     ok = submit("dry_run=true", "output_dir=/d", "run_dir=/r", "slurm.gpus_per_node=0", "slurm.ntasks_per_node=2")
     assert ok.returncode == 0, ok.stderr
-    assert [line.split(":")[0] for line in ok.stdout.splitlines()] == ["vocab", "encode", "merge", "pretrain"]
+    assert [line.split(":")[0] for line in ok.stdout.splitlines()] == ["clean", "dedup", "apply", "vocab", "encode", "merge", "pretrain"]
     assert "--ntasks-per-node=2" in ok.stdout and "--gpus-per-node" not in ok.stdout
     typo = submit("dry_run=true", "slurm.nods=2")
     assert typo.returncode != 0 and "slurm.nods" in typo.stderr
