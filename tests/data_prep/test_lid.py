@@ -77,7 +77,7 @@ def test_the_model_mostly_agrees_with_the_mapping_on_real_text(lang):
     top label is one the mapping accepts for the file's language. Measured 2026-12-03: 0.925
     (it) to 1.0 over the first 120 documents; sl has 6 documents, 2 of them English pages."""
     docs = documents(MANPAGES / f"{lang}.txt.xz")
-    labels = Counter(identifier().predict(d)[0] for d in docs)
+    labels = Counter(max(identifier().predict(d).items(), key=lambda item: item[1])[0] for d in docs)
     agree = sum(n for label, n in labels.items() if label in accepted_labels(lang))
     assert agree / len(docs) >= (0.9 if len(docs) >= 20 else 0.6), (lang, labels.most_common(5))
 
@@ -94,26 +94,28 @@ def test_chinese_script():
 CORPUS = ("de", "en", "fr", "sr", "hr", "zh-Hans", "zh-Hant", "hi_rom")
 
 
-@pytest.mark.parametrize("claimed, text, label, conf, action, expected", [
-    ("de", "", "de", 0.9, "drop", ("kept", "de")),
-    ("de", "", "de", 0.4, "drop", ("low_confidence", None)),  # CCNet: below the threshold is dropped
-    ("de", "", "en", 0.9, "drop", ("wrong_language", None)),
-    ("de", "", "en", 0.9, "route", ("routed", "en")),
-    ("de", "", "ja", 0.9, "route", ("wrong_language", None)),  # no ja in the corpus
-    ("sr", "", "sh", 0.8, "drop", ("kept", "sr")),
-    ("de", "", "sh", 0.8, "route", ("routed", "hr")),  # sh is listed first by nobody: alphabetical owner
-    ("de", "", "bs", 0.8, "route", ("routed", "hr")),
-    ("hi_rom", "", "en", 0.99, "drop", ("unjudged", "hi_rom")),  # the model cannot judge romanized Hindi
-    ("en", "繁體中文的說明", "zh", 0.9, "route", ("routed", "zh-Hant")),
-    ("en", "简体中文的说明", "zh", 0.9, "route", ("routed", "zh-Hans")),
-    (None, "简体中文的说明", "zh", 0.9, "drop", ("routed", "zh-Hans")),  # unlabelled: always routed
-    (None, "", "ja", 0.9, "drop", ("routed", "ja")),  # unlabelled: any language
-    (None, "", "ja", 0.2, "route", ("low_confidence", None)),
-    ("de", "", "", 0.0, "route", ("low_confidence", None)),  # nothing the model could use
+@pytest.mark.parametrize("claimed, text, scores, action, expected", [
+    ("de", "", {"de": 0.9}, "drop", ("kept", "de")),
+    ("de", "", {"de": 0.4, "en": 0.3}, "drop", ("low_confidence", None)),  # CCNet: below the threshold is dropped
+    ("de", "", {"en": 0.9}, "drop", ("wrong_language", None)),
+    ("de", "", {"en": 0.9}, "route", ("routed", "en")),
+    ("de", "", {"en": 0.45, "fr": 0.4}, "route", ("low_confidence", None)),
+    ("de", "", {"ja": 0.9}, "route", ("wrong_language", None)),  # no ja in the corpus
+    ("sr", "", {"sh": 0.8}, "drop", ("kept", "sr")),
+    ("hr", "", {"hr": 0.3, "bs": 0.25, "sh": 0.2, "sl": 0.1}, "drop", ("kept", "hr")),  # the labels add up: 0.75
+    ("de", "", {"sh": 0.8}, "route", ("routed", "hr")),  # sh is listed first by nobody: alphabetical owner
+    ("de", "", {"bs": 0.8}, "route", ("routed", "hr")),
+    ("hi_rom", "", {"en": 0.99}, "drop", ("unjudged", "hi_rom")),  # the model cannot judge romanized Hindi
+    ("en", "繁體中文的說明", {"zh": 0.9}, "route", ("routed", "zh-Hant")),
+    ("en", "简体中文的说明", {"zh": 0.9}, "route", ("routed", "zh-Hans")),
+    (None, "简体中文的说明", {"zh": 0.9}, "drop", ("routed", "zh-Hans")),  # unlabelled: always routed
+    (None, "", {"ja": 0.9}, "drop", ("routed", "ja")),  # unlabelled: any language
+    (None, "", {"ja": 0.2, "ko": 0.1}, "route", ("low_confidence", None)),
+    ("de", "", {}, "route", ("low_confidence", None)),  # nothing the model could use
 ])
-def test_decide(claimed, text, label, conf, action, expected):
+def test_decide(claimed, text, scores, action, expected):
     corpus = None if claimed is None else CORPUS
-    verdict = decide(claimed, text, label, conf, threshold=0.5, action=action, corpus_langs=corpus)
+    verdict = decide(claimed, text, scores, threshold=0.5, action=action, corpus_langs=corpus)
     assert (verdict.outcome, verdict.lang) == expected
 
 
@@ -130,8 +132,7 @@ def test_route_target_prefers_the_language_listing_the_label_first():
     "\ud800 lone surrogate".encode("utf-8", "surrogatepass").decode("utf-8", "replace"),
 ])
 def test_bad_input_gets_a_decision(text):
-    label, conf = identifier().predict(text)
-    assert 0.0 <= conf <= 1.0
-    assert label == "" or label in MODEL_LABELS
-    verdict = decide("de", text, label, conf, threshold=0.5, action="route", corpus_langs=CORPUS)
+    scores = identifier().predict(text)
+    assert all(0.0 <= p <= 1.0 for p in scores.values()) and set(scores) <= MODEL_LABELS
+    verdict = decide("de", text, scores, threshold=0.5, action="route", corpus_langs=CORPUS)
     assert verdict.outcome in {"kept", "routed", "low_confidence", "wrong_language"}
