@@ -12,16 +12,18 @@ Normalization: Unicode NFC, control characters removed, every run of Unicode whi
 collapsed to one space, ends stripped. A document left with no line is dropped (empty_docs).
 Then, with clean.lid.enabled, language identification (lid.py) judges each document (or line,
 clean.lid.unit) and counts the lines it drops:
-  low_confidence  lid.176's top language scores below clean.lid.threshold (CCNet: 0.5)
-  wrong_language  the top language is not one of the file's language (clean.lid.action=drop,
-                  or route with no such language in the corpus)
+  low_confidence  no language scores clean.lid.threshold (CCNet: 0.5)
+  wrong_language  another language does (clean.lid.action=drop, or route with no such
+                  language in the corpus)
 With clean.lid.action=route the text goes to the detected language instead: the part writes
 it to filtered/TARGET/from-LANG-PART.txt, which dedup treats as one more part of TARGET, after
 TARGET's own parts. Unlabelled input (inputs.UNLABELLED) is always routed.
 
-Record files (JSONL/parquet) are first routed into per-language CC100-layout files, one unit
-per file. Every language's files are then cut into parts of about clean.chunk_mb at document
-boundaries (ranges.py; a compressed file is one part), and each part is a unit: it writes
+Record files (JSONL/parquet) are first routed into per-language CC100-layout files, and a
+compressed file bigger than clean.chunk_mb is decompressed once into uncompressed pieces (one
+unit per file each). Every language's files are then cut into parts of about clean.chunk_mb
+at document boundaries (ranges.py; a small compressed file is one part), and each part is a
+unit: it writes
 filtered/LANG/PART.txt (its filtered, normalized documents) and, for the dedup stage,
 filtered/LANG/PART.hashes.npy (each kept line's dedup key and line number, sorted by key).
 """
@@ -41,9 +43,9 @@ import numpy as np
 from . import parallel
 from .atomic import atomic_open
 from .config import CleanConfig, TaskConfig
-from .inputs import UNLABELLED, Source, iter_documents, iter_records
+from .inputs import UNLABELLED, Source, iter_documents, iter_records, open_binary
 from .lid import accepted_labels, decide, identifier
-from .ranges import Range, plan_ranges, read_range_lines
+from .ranges import COMPRESSED, Range, plan_ranges, read_range_lines
 from .state import Layout, file_identity, fingerprint
 from .units import Unit, run_units
 
@@ -263,6 +265,47 @@ def routed_path(routed: Path, lang: str, source: Path) -> Path:
     return routed / lang / f"{source.name}.txt"
 
 
+@dataclass(frozen=True)
+class SplitJob:
+    source: Path  # a compressed CC100-layout file
+    out_dir: Path  # routed/LANG; pieces land in routed/LANG/<source name>.PIECE.txt
+    chunk_bytes: int
+    max_line_bytes: int
+
+
+def split_compressed(job: SplitJob) -> Tuple[Dict, List[Path]]:
+    """Decompress a big compressed file once into uncompressed pieces of about chunk_bytes,
+    each ending on a document boundary (after a blank line, as iter_documents sees it), so
+    that its text is cleaned in parallel parts like an uncompressed file's. The bytes are
+    copied unchanged: the pieces in order are the decompressed file."""
+    pieces: List[Path] = []
+    with open_binary(job.source) as stream:
+        while True:
+            path = job.out_dir / f"{job.source.name}.{len(pieces):05d}.txt"
+            with atomic_open(path, "wb") as out:
+                more = _copy_piece(stream, out, job.chunk_bytes, job.max_line_bytes)
+            pieces.append(path)
+            if not more:
+                break
+    return {"source": job.source.name, "pieces": [p.name for p in pieces]}, pieces
+
+
+def _copy_piece(stream, out, chunk_bytes: int, max_line_bytes: int) -> bool:
+    """Copy lines until chunk_bytes are written and a blank line ends; False at the end of the stream."""
+    written, line_bytes, blank = 0, 0, True
+    while piece := stream.readline(1 << 20):
+        out.write(piece)
+        written += len(piece)
+        line_bytes += len(piece)
+        blank = blank and not piece.strip()
+        parallel.advance(len(piece))
+        if piece.endswith(b"\n"):
+            if blank and line_bytes <= max_line_bytes + 1 and written >= chunk_bytes:
+                return True
+            line_bytes, blank = 0, True
+    return False
+
+
 def run_clean(inventory, cfg: CleanConfig, layout: Layout, workers: int, progress: bool = True,
               allowed: bool = True, task: TaskConfig = TaskConfig()) -> Optional[Dict[str, Dict]]:
     """Route record files, then clean every language's parts (this array task's share).
@@ -282,13 +325,26 @@ def run_clean(inventory, cfg: CleanConfig, layout: Layout, workers: int, progres
             sources.setdefault(lang, []).append(routed_path(layout.routed, lang, src.path))
 
     corpus_langs = tuple(sorted(lang for lang in sources if lang != UNLABELLED))
-    units, part_fps = [], {}
+    # A compressed file bigger than a part is decompressed once into pieces (one unit per file).
     chunk_bytes = max(1, int(cfg.chunk_mb * 1e6))
+    splits = [Unit(f"{path.name}.split", fingerprint({"source": file_identity(path), "chunk_mb": cfg.chunk_mb,
+                                                      "max_line_chars": cfg.max_line_chars}),
+                   SplitJob(path, layout.routed / lang, chunk_bytes, 4 * cfg.max_line_chars), path.stat().st_size)
+              for lang, paths in sources.items() for path in paths
+              if path.suffix in COMPRESSED and path.stat().st_size > chunk_bytes]
+    split = run_units(layout, "route", splits, split_compressed, workers=workers, task=task, progress=progress,
+                      allowed=allowed, desc="split compressed")
+    if split is None:
+        return None
+    pieces = {unit.job.source: [unit.job.out_dir / name for name in split[unit.name]["pieces"]] for unit in splits}
+
+    units, part_fps = [], {}
     for lang in sorted(sources):
         part = 0
         # Where LID may route text, the output depends on which languages the corpus has.
         routes_to = corpus_langs if lang == UNLABELLED or (cfg.lid.enabled and cfg.lid.action == "route") else ()
-        for path in sorted(sources[lang]):  # the corpus order: files by path, ranges by offset
+        # The corpus order: files by path (a split file's pieces in its place), ranges by offset.
+        for path in (piece for source in sorted(sources[lang]) for piece in pieces.get(source, [source])):
             identity = file_identity(path)
             for rng in plan_ranges(path, chunk_bytes, 4 * cfg.max_line_chars):
                 fp = fingerprint({"input": identity, "range": rng, "clean": vars(cfg), "routes_to": routes_to})

@@ -3,9 +3,16 @@
 A language's clean parts are cut into chunks of about pack.chunk_mb at document boundaries
 (each part's index, written by the dedup stage), and chunks are encoded in parallel
 processes. Each chunk streams its documents through SentencePiece in batches, splits them
-into train and held-out validation documents, packs each split (`packing.py`) and writes its
-own shards (`shards.py`): shards/LANG/{train,valid}-CHUNK-PART.tar. A chunk's marker, written after its
-shards, makes it complete; a rerun redoes only chunks without one.
+into train and held-out validation documents, packs each split (`packing.py`) and writes the
+shards of shard.target_mb it fills, shards/LANG/train-CHUNK-PART.tar, and stages the rest
+(shards/LANG/staged/{train,valid}-CHUNK.tar: the unfilled last shard's samples, and every
+validation sample). When all chunks of a language are done, its merge unit concatenates the
+staged samples in chunk order into shards/LANG/{train,valid}-merged-PART.tar (`shards.py`),
+so every shard but the last of a language's split holds the target size, whatever the
+chunking, and the validation split is a few shards. Each unit's marker, written after its
+outputs, makes it complete; a rerun redoes only units without one. Array tasks
+(task.count > 1) encode chunks only; the merges run in the next run with task.count = 1 (the
+merge job, stages=[manifest,report]), once every chunk of the language is done.
 
 Validation documents are drawn per language: k = clamp(round(split.valid_fraction * docs),
 split.valid_min_docs, split.valid_max_docs) documents (at most docs - 1), uniformly, with a
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import zlib
 from dataclasses import dataclass
 from itertools import chain
@@ -28,7 +36,7 @@ from .config import PrepConfig
 from .dictionary import EOS, UNK, Dictionary
 from .errors import PrepError
 from .packing import SequencePacker
-from .shards import ShardWriter
+from .shards import ShardWriter, merge_staged
 from .state import Layout, fingerprint, load_marker, require_allowed
 
 log = logging.getLogger(__name__)
@@ -49,6 +57,16 @@ class EncodeJob:
     spm_path: Path
     seq_len: int
     shard_bytes: int
+
+
+@dataclass(frozen=True)
+class MergeJob:
+    lang: str
+    root: Path
+    out_dir: Path
+    staged: Tuple[Tuple[Dict, ...], ...]  # per split: the chunks' staged records, in chunk order
+    shard_bytes: int
+    itemsize: int
 
 
 def choose_valid_docs(lang: str, n_docs: int, cfg: PrepConfig) -> np.ndarray:
@@ -126,7 +144,8 @@ def encode_chunk(job: EncodeJob) -> Dict:
         stats[split] = {"docs": int(np.count_nonzero(doc_end & mask)), "lines": int(np.count_nonzero(~doc_end & mask)),
                         "chars": int(chars[mask].sum()), "tokens": 0, "unk": 0, "sequences": 0, "stream_tokens": 0}
     packers = {s: SequencePacker(job.seq_len, dictionary.dtype) for s in SPLITS}
-    writers = {s: ShardWriter(job.out_dir, job.lang, s, job.chunk, job.shard_bytes, dictionary.dtype) for s in SPLITS}
+    writers = {s: ShardWriter(job.out_dir, job.lang, s, job.chunk, job.shard_bytes, dictionary.dtype,
+                              stage_all=s == "valid") for s in SPLITS}
     # Batches of about BATCH_BYTES of text; they need not align with documents (the stream is contiguous).
     cuts = np.searchsorted(np.cumsum(chars + 1), np.arange(BATCH_BYTES, chars.sum() + len(chars), BATCH_BYTES))
     bytes_per_char = (job.end - job.start) / max(1, chars.sum() + len(chars))
@@ -154,12 +173,19 @@ def encode_chunk(job: EncodeJob) -> Dict:
                 writers[split].write_block(last[None, :])
                 stats[split]["sequences"] += 1
             stats[split]["tokens"] = stats[split]["stream_tokens"] + stats[split]["sequences"]  # + <s> each
-        shards = [rec for s in SPLITS for rec in writers[s].close()]
+        closed = [writers[s].close() for s in SPLITS]
     except BaseException:
         for w in writers.values():
             w.abort()
         raise
-    return {"lang": job.lang, "chunk": job.chunk, "stats": stats, "shards": shards}
+    return {"lang": job.lang, "chunk": job.chunk, "stats": stats,
+            "shards": [rec for full, _ in closed for rec in full], "staged": [st for _, st in closed if st]}
+
+
+def merge_language(job: MergeJob) -> Dict:
+    shards = [rec for split, staged in zip(SPLITS, job.staged)
+              for rec in merge_staged(job.root, list(staged), job.out_dir, job.lang, split, job.shard_bytes, job.itemsize)]
+    return {"lang": job.lang, "shards": shards}
 
 
 def check_vocabulary_matches(layout: Layout, vocab_sha: str) -> None:
@@ -178,28 +204,39 @@ def check_vocabulary_matches(layout: Layout, vocab_sha: str) -> None:
         )
 
 
+def staged_exist(layout: Layout, result: Dict) -> bool:
+    return all((layout.root / rec["path"]).exists() for rec in result["staged"])
+
+
 def run_encode(layout: Layout, clean_stats: Dict[str, Dict], vocab: Dict, cfg: PrepConfig,
-               workers: int, progress: bool, allowed: bool = True) -> Dict[str, List[Dict]] | None:
-    """Encode every language (or this array task's share of the chunks: cfg.task); returns
-    the chunk records per language, or None while other tasks' chunks are still missing."""
+               workers: int, progress: bool, allowed: bool = True) -> Dict[str, Dict] | None:
+    """Encode every language (or this array task's share of the chunks: cfg.task), then merge
+    each language's staged samples (task.count = 1 only); returns per language its chunk
+    records ("chunks") and every shard in order ("shards"), or None while chunks or merges
+    are left to other runs."""
     check_vocabulary_matches(layout, vocab["sha256"])
     spm_path = layout.root / vocab["spm_model"]
-    planned, pending, fps, done = [], [], {}, {}
+    planned, pending, fps, done, merge_fps, merged = [], [], {}, {}, {}, {}
     for lang, st in clean_stats.items():
         done[lang] = []
         valid = tuple(int(d) for d in choose_valid_docs(lang, st["docs"], cfg))
         clean_fp = load_marker(layout.marker("dedup", f"{lang}/part-00000"))["fingerprint"]
-        for chunk, (part, start, end, first_doc) in enumerate(plan_language_chunks(st["parts"], int(cfg.pack.chunk_mb * 1e6))):
+        chunks = plan_language_chunks(st["parts"], int(cfg.pack.chunk_mb * 1e6))
+        chunk_fps = [fingerprint({"clean": clean_fp, "vocab": vocab["sha256"], "chunk": list(c), "valid": valid,
+                                  "seq_len": cfg.pack.seq_len, "shard": cfg.shard.target_mb}) for c in chunks]
+        merge_fps[lang] = fingerprint({"chunks": chunk_fps, "shard": cfg.shard.target_mb})
+        if layout.is_done("encode", f"{lang}/merge", merge_fps[lang]):
+            merged[lang] = load_marker(layout.marker("encode", f"{lang}/merge"))["result"]
+        for chunk, ((part, start, end, first_doc), fp) in enumerate(zip(chunks, chunk_fps)):
             job = EncodeJob(
                 lang, chunk, start, end, first_doc, valid,
                 layout.root / part, layout.shards / lang, spm_path,
                 cfg.pack.seq_len, int(cfg.shard.target_mb * 1e6),
             )
             name = f"{lang}/{chunk:05d}"
-            fp = fingerprint({"clean": clean_fp, "vocab": vocab["sha256"], "chunk": [part, start, end, first_doc],
-                              "valid": valid, "seq_len": cfg.pack.seq_len, "shard": cfg.shard.target_mb})
-            if layout.is_done("encode", name, fp):
-                done[lang].append(load_marker(layout.marker("encode", name))["result"])
+            result = load_marker(layout.marker("encode", name))["result"] if layout.is_done("encode", name, fp) else None
+            if result is not None and (lang in merged or staged_exist(layout, result)):
+                done[lang].append(result)
             else:
                 pending.append(job)
                 fps[name] = fp
@@ -212,11 +249,29 @@ def run_encode(layout: Layout, clean_stats: Dict[str, Dict], vocab: Dict, cfg: P
     total = sum(j.end - j.start for j in jobs)
     for result in parallel.iter_jobs(encode_chunk, jobs, workers=workers, desc="encode+pack+shard", total=total, progress=progress):
         name = f"{result['lang']}/{result['chunk']:05d}"
-        for rec in result["shards"]:
+        for rec in result["shards"] + result["staged"]:
             rec["path"] = str(Path(rec["path"]).relative_to(layout.root))
+        # The staged samples are not the marker's outputs: the merge deletes them once it is done.
         layout.write_marker("encode", name, fps[name], [layout.root / r["path"] for r in result["shards"]],
                             vocab_sha256=vocab["sha256"], result=result)
         done[result["lang"]].append(result)
-    if len(jobs) < len(pending):
-        return None  # the other array tasks' chunks: the merge job (stages=[manifest,report]) waits for them
-    return {lang: sorted(chunks, key=lambda r: r["chunk"]) for lang, chunks in done.items()}
+    if cfg.task.count > 1 or len(jobs) < len(pending):
+        return None  # the merge job (stages=[manifest,report]) merges once every task's chunks are done
+    for lang in done:
+        done[lang].sort(key=lambda r: r["chunk"])
+    merges = [MergeJob(lang, layout.root, layout.shards / lang,
+                       tuple(tuple(s for c in done[lang] for s in c["staged"] if s["split"] == split) for split in SPLITS),
+                       int(cfg.shard.target_mb * 1e6), np.dtype(vocab["dtype"]).itemsize)
+              for lang in sorted(done) if lang not in merged]
+    total = sum(s["bytes"] for job in merges for staged in job.staged for s in staged)
+    for result in parallel.iter_jobs(merge_language, merges, workers=workers, desc="merge shards", total=total, progress=progress):
+        lang = result["lang"]
+        for rec in result["shards"]:
+            rec["path"] = str(Path(rec["path"]).relative_to(layout.root))
+        layout.write_marker("encode", f"{lang}/merge", merge_fps[lang], [layout.root / r["path"] for r in result["shards"]],
+                            vocab_sha256=vocab["sha256"], result=result)
+        merged[lang] = result
+    for lang in done:  # the staged samples are in the merged shards now (also after a kill right here)
+        shutil.rmtree(layout.shards / lang / "staged", ignore_errors=True)
+    return {lang: {"chunks": done[lang], "shards": [s for c in done[lang] for s in c["shards"]] + merged[lang]["shards"]}
+            for lang in done}

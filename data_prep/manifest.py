@@ -22,7 +22,7 @@ FORMAT = "xlmr-shards"
 FORMAT_VERSION = 1
 
 
-def language_record(clean: Dict, chunks: List[Dict]) -> Dict:
+def language_record(clean: Dict, chunks: List[Dict], shards: List[Dict]) -> Dict:
     rec = {
         "input": {k: clean[k] for k in ("input_docs", "input_lines", "input_bytes")},
         "removed": clean["removed"],
@@ -31,7 +31,7 @@ def language_record(clean: Dict, chunks: List[Dict]) -> Dict:
     }
     for split in SPLITS:
         totals = {k: sum(c["stats"][split][k] for c in chunks) for k in ("docs", "lines", "chars", "tokens", "unk", "sequences")}
-        totals["shards"] = sum(1 for c in chunks for s in c["shards"] if s["split"] == split)
+        totals["shards"] = sum(1 for s in shards if s["split"] == split)
         rec[split] = totals
     stream = sum(c["stats"][s]["stream_tokens"] for c in chunks for s in SPLITS)
     rec["unk_rate"] = sum(rec[s]["unk"] for s in SPLITS) / stream if stream else 0.0
@@ -51,8 +51,9 @@ def lid_record(cfg: PrepConfig, clean_stats: Dict[str, Dict], excluded: Dict[str
 
 
 def build_manifest(layout: Layout, cfg: PrepConfig, clean_stats: Dict[str, Dict], vocab: Dict,
-                   chunks: Dict[str, List[Dict]], excluded: Dict[str, Dict], skipped_files: List[str]) -> Dict:
-    shards = [s for lang in sorted(chunks) for c in chunks[lang] for s in c["shards"]]
+                   encoded: Dict[str, Dict], excluded: Dict[str, Dict], skipped_files: List[str]) -> Dict:
+    """`encoded`: per language its chunk records and its shards in order (encode.run_encode)."""
+    shards = [s for lang in sorted(encoded) for s in encoded[lang]["shards"]]
     for s in shards:
         path = layout.root / s["path"]
         if not path.exists() or path.stat().st_size != s["bytes"]:
@@ -69,7 +70,8 @@ def build_manifest(layout: Layout, cfg: PrepConfig, clean_stats: Dict[str, Dict]
         "vocab": {k: vocab[k] for k in ("sha256", "spm_model", "size", "spm_size", "special_ids")},
         "sampling": {"alpha": cfg.sampling.alpha, "count": "lines",
                      "languages": {lang: {"p": lines[lang] / total, "q": q[lang]} for lang in sorted(lines)}},
-        "languages": {lang: language_record(clean_stats[lang], chunks[lang]) for lang in sorted(chunks)},
+        "languages": {lang: language_record(clean_stats[lang], encoded[lang]["chunks"], encoded[lang]["shards"])
+                      for lang in sorted(encoded)},
         "lid": lid_record(cfg, clean_stats, excluded),
         "excluded_languages": excluded,
         "skipped_files": skipped_files,

@@ -4,8 +4,9 @@ The clean stage processes each range as its own unit (in parallel, over processe
 tasks). A range boundary is placed just after a blank line (the document separator), so the
 documents read from the ranges one after the other are exactly the file's documents.
 
-Compressed files cannot be seeked: each one is a single range (None as its end), read from
-the start. Big languages should be given uncompressed (see the README, "clean").
+Compressed files cannot be seeked: a compressed file is a single range (None as its end), read
+from the start. The clean stage first decompresses a compressed file bigger than a part into
+uncompressed pieces (clean.split_compressed), so only small compressed files get here.
 """
 from __future__ import annotations
 

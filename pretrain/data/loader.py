@@ -7,7 +7,7 @@ The README ("Data loading") documents the design and its guarantees.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.data import position
 from pretrain.data.dealing import ShardSequence, block_order
-from pretrain.data.manifest import Shard, languages, shards, usable_shards
+from pretrain.data.manifest import Shard, languages, shard_index, shard_problem, usable_shards, warn_skipped
 from pretrain.data.phases import Mixture, PhaseConfig
 from pretrain.data.shards import ShardError, TokenSpec, read_shard
 
@@ -69,14 +69,42 @@ class TrainStream(IterableDataset):
         self.mixed = self.mixture.languages  # every language some phase mixes: the draws index this
         # The (cdf, micro-batches) runs of a slot's micro-batches: phase changes at step boundaries.
         self.runs = functools.partial(self.mixture.runs, micro_batches_per_step=micro_batches_per_step)
+        # No shard file is touched here: a manifest can list 100k shards (see `samples`).
+        self.data_dir, index = data_dir, shard_index(data_dir, manifest)
         self.sequences: dict[str, ShardSequence] = {}
-        self.skipped_shards: list[Shard] = []
+        self.skipped_shards: list[Shard] = []  # found unusable by this process so far
+        self._usable: dict[Shard, bool] = {}
+        self._readable_langs: set[str] = set()
         for lang in self.mixed:
-            usable, skipped = usable_shards(shards(data_dir, manifest, lang, "train"))
-            self.skipped_shards += skipped
-            if not usable:
+            if (lang, "train") not in index:
                 raise ShardError(f"no readable train shard for {lang!r} in {data_dir}: re-run xlmr-prep")
-            self.sequences[lang] = ShardSequence(usable, seed=cfg.seed)
+            self.sequences[lang] = ShardSequence(index[lang, "train"], seed=cfg.seed)
+
+    def samples(self, lang: str) -> Callable[[int], int]:
+        """The samples the stream reads from the shard at a position of ``lang``'s sequence: the
+        manifest's count, or 0 for a shard whose file is missing or not the manifest's size (a
+        truncated copy, a partial rsync), skipped with a warning. A shard is checked (one stat)
+        when the stream first reaches it, and on resume when the replay walks past it, so every
+        process that reaches a shard decides the same and resume stays exact; no process stats
+        every shard of the manifest."""
+        sequence = self.sequences[lang]
+        return lambda position: sequence[position].samples if self._usable_shard(sequence[position]) else 0
+
+    def _usable_shard(self, shard: Shard) -> bool:
+        usable = self._usable.get(shard)
+        if usable is None:
+            problem = shard_problem(shard)
+            usable = self._usable[shard] = problem is None
+            if problem:
+                warn_skipped(shard, problem)
+                self.skipped_shards.append(shard)
+                # Damage found: make sure the language has a usable shard at all (else the stream
+                # would skip forever). Stats this language's shards, once.
+                if shard.lang not in self._readable_langs:
+                    if all(shard_problem(s) for s in self.sequences[shard.lang].shards):
+                        raise ShardError(f"no readable train shard for {shard.lang!r} in {self.data_dir}: re-run xlmr-prep")
+                    self._readable_langs.add(shard.lang)
+        return usable
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -106,9 +134,12 @@ class TrainStream(IterableDataset):
         Samples are shuffled within blocks of cfg.shuffle_block consecutive ones: prep writes
         a document's sequences next to each other, and a block-local shuffle keeps them apart
         in a batch at a bounded memory cost."""
-        seed, block, sequence = self.cfg.seed, max(1, self.cfg.shuffle_block), self.sequences[lang]
-        finished, offset = position.progress(position.slot_items(self.plan, lang, slot), sequence.samples, consumed)
+        seed, block, sequence, shard_samples = self.cfg.seed, max(1, self.cfg.shuffle_block), self.sequences[lang], self.samples(lang)
+        finished, offset = position.progress(position.slot_items(self.plan, lang, slot), shard_samples, consumed)
         for at, start in itertools.islice(position.slot_items(self.plan, lang, slot), finished, None):
+            if not shard_samples(at):  # an unusable shard: skipped
+                offset = 0
+                continue
             shard, offset = sequence[at], start + offset
             first_block = offset // block
             samples = read_shard(shard, range(first_block * block, shard.samples), self.spec)
@@ -129,8 +160,9 @@ def build_train_loader(data_dir: str | Path, manifest: dict, cfg: DataConfig, ra
     round-robin, in order), which makes the stream a function of (seed, alpha, the plan) and
     resumable from the count alone. ``micro_batches_per_step`` (gradient accumulation) places
     the phase changes of cfg.phases at step boundaries. ``plan`` (default: the first generation's) must have this
-    run's layout: see `carry_over_plan`. ``loader.dataset.skipped_shards`` lists shards skipped
-    as unreadable (log its length)."""
+    run's layout: see `carry_over_plan`. No shard file is touched until the stream reaches it;
+    ``loader.dataset.skipped_shards`` lists the shards found unusable so far by the process
+    that reads (this one with num_workers=0; else each worker warns for its own)."""
     run_layout = position.layout(world_size, cfg.num_workers, micro_batch_size)
     plan = plan or position.first_plan(run_layout)
     if plan["layout"] != run_layout:
@@ -155,7 +187,7 @@ def carry_over_plan(data_dir: str | Path, manifest: dict, cfg: DataConfig, plan:
     if plan["layout"] == run_layout:
         return plan
     stream = TrainStream(data_dir, manifest, cfg, 0, plan, consumed_micro_batches, micro_batches_per_step)
-    sizes = {lang: sequence.samples for lang, sequence in stream.sequences.items()}
+    sizes = {lang: stream.samples(lang) for lang in stream.sequences}
     return position.carry_over(plan, consumed_micro_batches, run_layout, cfg.seed, stream.runs, stream.mixed, sizes)
 
 
@@ -166,10 +198,13 @@ class ValidSet(IterableDataset):
     Batches also carry ``index`` [B]: each sequence's position in the language's validation
     set, which its mask is drawn from (pretrain.evaluation.mlm), so no result depends on the split."""
 
-    def __init__(self, data_dir, manifest, cfg: DataConfig, lang: str, rank: int, world_size: int, batch_size: int):
+    def __init__(self, data_dir, manifest, cfg: DataConfig, lang: str, rank: int, world_size: int, batch_size: int,
+                 index: Optional[dict] = None):
         self.spec, self.batch_size = TokenSpec.from_manifest(manifest), batch_size
         self.lang_index = languages(manifest).index(lang)
-        self.shards, self.skipped_shards = usable_shards(shards(data_dir, manifest, lang, "valid"))
+        index = shard_index(data_dir, manifest) if index is None else index  # build_valid_loaders: once for all
+        # Checked now (a stat each): a language's validation set is a few shards.
+        self.shards, self.skipped_shards = usable_shards(index.get((lang, "valid"), []))
         total = sum(shard.samples for shard in self.shards)
         if cfg.valid_max_sequences_per_lang is not None:
             total = min(total, cfg.valid_max_sequences_per_lang)
@@ -207,9 +242,9 @@ def build_valid_loaders(data_dir: str | Path, manifest: dict, cfg: DataConfig, r
                         batch_size: int) -> dict[str, DataLoader]:
     """One loader per language that has validation sequences, read in the main process (the
     sets are small and worker start-up per language would cost more than it saves)."""
-    loaders = {}
+    loaders, index = {}, shard_index(data_dir, manifest)
     for lang in languages(manifest):
-        dataset = ValidSet(data_dir, manifest, cfg, lang, rank, world_size, batch_size)
+        dataset = ValidSet(data_dir, manifest, cfg, lang, rank, world_size, batch_size, index)
         if dataset.max_batches:
             loaders[lang] = DataLoader(dataset, batch_size=None, num_workers=0,
                                        pin_memory=cfg.pin_memory and torch.cuda.is_available())

@@ -1,5 +1,5 @@
 """The prepared data as the loaders see it: the manifest, the language list, the mixing
-probabilities, and which shard files are usable.
+probabilities, the shards per (language, split), and whether a shard file is usable.
 
 The on-disk format (manifest.json, shard layout) is written by ``xlmr-prep`` and documented
 in the README; this module only reads it.
@@ -21,13 +21,19 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class Shard:
-    """One shard file as the manifest describes it (path made absolute)."""
+    """One shard file as the manifest describes it."""
 
-    path: Path
+    root: Path  # the data dir
+    name: str  # the manifest's path, relative to the data dir
     lang: str
     split: str
     samples: int
     bytes: int
+
+    @property
+    def path(self) -> Path:
+        """Made when needed: building 100k Paths up front costs seconds (pathlib parsing)."""
+        return self.root / self.name
 
 
 def load_manifest(data_dir: str | Path) -> dict[str, Any]:
@@ -72,30 +78,47 @@ def mixing_probs(manifest: dict[str, Any], alpha: float) -> dict[str, float]:
     return temperature_probs(train_token_counts(manifest), alpha)
 
 
+def shard_index(data_dir: str | Path, manifest: dict[str, Any]) -> dict[tuple[str, str], list[Shard]]:
+    """The shards with samples, grouped by (language, split), each group in manifest order:
+    one pass over the manifest (a big one lists 100k shards), no file touched."""
+    index: dict[tuple[str, str], list[Shard]] = {}
+    root = Path(data_dir)
+    for s in manifest["shards"]:
+        if s["samples"] > 0:
+            index.setdefault((s["lang"], s["split"]), []).append(
+                Shard(root, s["path"], s["lang"], s["split"], int(s["samples"]), int(s["bytes"])))
+    return index
+
+
 def shards(data_dir: str | Path, manifest: dict[str, Any], lang: str, split: str) -> list[Shard]:
     """The shards of one language and split, in manifest order."""
-    return [
-        Shard(Path(data_dir) / s["path"], s["lang"], s["split"], int(s["samples"]), int(s["bytes"]))
-        for s in manifest["shards"]
-        if s["lang"] == lang and s["split"] == split and s["samples"] > 0
-    ]
+    return shard_index(data_dir, manifest).get((lang, split), [])
+
+
+def shard_problem(shard: Shard) -> str | None:
+    """Why a shard's file cannot be used (missing, or not the manifest's size: a truncated copy,
+    a partial rsync), or None. One stat."""
+    try:
+        size = shard.path.stat().st_size
+    except FileNotFoundError:
+        return "missing"
+    return None if size == shard.bytes else f"{size} bytes"
+
+
+def warn_skipped(shard: Shard, problem: str) -> None:
+    warnings.warn(f"skipping shard {shard.path}: {problem}, manifest says {shard.bytes} bytes", stacklevel=3)
 
 
 def usable_shards(candidates: list[Shard]) -> tuple[list[Shard], list[Shard]]:
-    """Split shards into (usable, skipped): a shard is skipped, with a warning, when its file is
-    missing or its size differs from the manifest's (a truncated copy, a partial rsync).
-
-    Checking only the size costs one stat per shard and is decided before any sample is read,
-    so every process of every run skips the same shards and resume stays exact. Damage that
-    keeps the size (bit rot) is caught while reading and raises ShardError instead.
-    """
+    """Split shards into (usable, skipped), with a warning per skipped shard, checking every
+    one now: for the validation shards (a few per language). The train stream checks its
+    shards one by one as it reaches them (loader.TrainStream)."""
     usable, skipped = [], []
     for shard in candidates:
-        size = shard.path.stat().st_size if shard.path.is_file() else None
-        if size == shard.bytes:
+        problem = shard_problem(shard)
+        if problem is None:
             usable.append(shard)
         else:
             skipped.append(shard)
-            found = "missing" if size is None else f"{size} bytes"
-            warnings.warn(f"skipping shard {shard.path}: {found}, manifest says {shard.bytes} bytes", stacklevel=2)
+            warn_skipped(shard, problem)
     return usable, skipped

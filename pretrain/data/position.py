@@ -89,7 +89,7 @@ def language_counts(rng: np.random.Generator, runs: list[tuple[np.ndarray, int]]
 def progress(items: Iterator[tuple[int, int]], shard_samples: Callable[[int], int], consumed: int) -> tuple[int, int]:
     """(items finished, samples read of the next one) after ``consumed`` samples of ``items``."""
     for finished, (position, start) in enumerate(items):
-        left = shard_samples(position) - start
+        left = max(0, shard_samples(position) - start)  # 0: a shard the stream skips (unusable)
         if consumed < left:
             return finished, consumed
         consumed -= left

@@ -7,6 +7,7 @@ import time
 
 from tests.conftest import REPO, run_prep
 from tests.data_prep.corpus import SMALL_ARGS, cc100_text, sample_docs, small_corpus
+from tests.data_prep.test_shards import check_shard_sizes
 
 
 def prep(inp, out, *extra, check=True):
@@ -170,11 +171,13 @@ def test_full_disk_is_a_clear_error_and_rerun_resumes(tmp_path):
 
 def test_stages_as_separate_jobs_and_job_arrays(tmp_path):
     """The SLURM layout: clean, dedup and encode job arrays, the vocab job, the merge job;
-    equal to one plain run."""
+    equal to one plain run with one or two workers. Many encode chunks per language, yet
+    shards of the target size."""
     inp = small_corpus(tmp_path / "in")
-    whole, split = tmp_path / "whole", tmp_path / "split"
+    whole, two, split = tmp_path / "whole", tmp_path / "two", tmp_path / "split"
     chunks = ["pack.chunk_mb=0.01", "clean.index_every_mb=0.002", "clean.chunk_mb=0.01", "dedup.memory_mb=0.005"]
-    prep(inp, whole, *chunks)
+    prep(inp, whole, *chunks, "workers=1")
+    prep(inp, two, *chunks, "workers=2")
     jobs = lambda *a: prep(inp, split, *chunks, *a, check=False)  # noqa: E731
     array = lambda stage, index: jobs(f"stages=[{stage}]", f"task.index={index}", "task.count=3")  # noqa: E731
     assert_clear_error(jobs("stages=[manifest,report]"), "stage 'clean' is not complete")
@@ -191,13 +194,22 @@ def test_stages_as_separate_jobs_and_job_arrays(tmp_path):
     assert_clear_error(jobs("stages=[manifest,report]"), "stage 'encode' is not complete")
     for index in (0, 2):
         assert array("encode", index).returncode == 0
+    assert not list(split.glob("shards/*/*-merged-*.tar"))  # array tasks leave the merges to the merge job
+    assert len(list(split.glob("shards/*/staged/*.tar"))) >= 4  # every language's leftovers, waiting
+    # What a merge killed midway leaves: a temp file, a shard of a wrong size without a marker.
+    (split / "shards/en/train-merged-000.tar").write_bytes(b"half a shard")
+    (split / "shards/en/train-merged.tar.tmp-4242").write_bytes(b"partial")
     assert jobs("stages=[manifest,report]").returncode == 0
     got, expected = manifest_of(split), manifest_of(whole)
-    assert len(got["shards"]) > 3
+    for lang in got["languages"]:
+        assert len(list(split.glob(f"state/encode/{lang}/[0-9]*.json"))) >= 2, "several encode chunks per language"
+    assert check_shard_sizes(got) >= 4
     assert [(s["path"], s["sha256"]) for s in got["shards"]] == [(s["path"], s["sha256"]) for s in expected["shards"]]
     assert got["languages"] == expected["languages"]
     # the clean array made every part a plain run makes
     assert len(list(split.glob("state/clean/*/*.json"))) == len(list(whole.glob("state/clean/*/*.json"))) > 12
+    assert [(s["path"], s["sha256"]) for s in manifest_of(two)["shards"]] == [(s["path"], s["sha256"]) for s in expected["shards"]]
+    assert not list(split.glob("shards/*/staged")) and not list(split.rglob("*.tmp-*"))  # merged, then removed
     assert_clear_error(jobs("stages=[encode]", "task.index=3", "task.count=3"), "task.index must be in")
 
 

@@ -26,8 +26,8 @@ from tests.data_prep.corpus import SMALL_ARGS, cc100_text, sample_docs, write_co
 # Many small units in every stage, so that a kill lands inside each one.
 UNIT_ARGS = [*SMALL_ARGS, "workers=1", "clean.chunk_mb=0.02", "dedup.memory_mb=0.002",
              "clean.index_every_mb=0.005", "pack.chunk_mb=0.01"]
-MARKERS = {"clean": "state/clean/*/*.json", "dedup": "state/dedup/*/bucket-*.json",
-           "vocab": "state/vocab/*/*.json", "encode": "state/encode/*/*.json"}
+MARKERS = {"clean": "state/clean/*/*.json", "dedup": "state/dedup/*/bucket-*.json", "apply": "state/dedup/*/part-*.json",
+           "vocab": "state/vocab/*/*.json", "encode": "state/encode/*/*.json"}  # apply: the dedup stage's second half
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,9 @@ import json
 import math
 import os
 import shutil
+import sys
 import tarfile
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -345,21 +347,47 @@ def replace_with_copy(path: Path) -> Path:
     return path
 
 
+def first_read_shard(manifest, lang):
+    """The manifest entry of the shard a one-slot stream of ``lang`` reads first (epoch 0, position 0)."""
+    entries = [s for s in manifest["shards"] if s["lang"] == lang and s["split"] == "train"]
+    first = ShardSequence(shards(Path("."), manifest, lang, "train"), seed=0)[0]
+    return next(s for s in entries if Path(s["path"]) == first.path)
+
+
 def test_truncated_shard_is_skipped_with_a_warning_and_counted(data, tmp_path):
     data_dir, manifest, samples = data
     big = max(manifest["languages"], key=lambda lang: manifest["languages"][lang]["train"]["shards"])
-    shard = next(s for s in manifest["shards"] if s["lang"] == big and s["split"] == "train")
+    shard = first_read_shard(manifest, big)
     copy = linked_copy(data_dir, tmp_path / "data")
     damaged = replace_with_copy(copy / shard["path"])
     os.truncate(damaged, shard["bytes"] // 2)
     lost = {key for key, _ in read_tar(data_dir / shard["path"], manifest["dtype"])}
 
+    loader = build_train_loader(copy, manifest, DataConfig(num_workers=0, alpha=1.0), 0, 1, 32)
+    assert loader.dataset.skipped_shards == []  # nothing is checked before the stream reaches it
     with pytest.warns(UserWarning, match="skipping shard .*" + shard["path"]):
-        loader = build_train_loader(copy, manifest, DataConfig(num_workers=2, alpha=1.0), 0, 1, 32)
+        keys = [key for batch in take(loader, 60) for key in batch["keys"]]
     assert [s.path for s in loader.dataset.skipped_shards] == [damaged]
-    keys = [key for batch in take(loader, 60) for key in batch["keys"]]
     assert sum(key.startswith(big + "-") for key in keys) > 100
     assert not lost & set(keys)
+
+
+def test_resume_past_a_skipped_shard_is_exact(data, tmp_path):
+    """The skip is decided by the shard's file alone, so a resumed stream (which replays past
+    the damaged shard without reading) continues exactly where the uninterrupted one was."""
+    data_dir, manifest, _ = data
+    big = max(manifest["languages"], key=lambda lang: manifest["languages"][lang]["train"]["shards"])
+    shard = first_read_shard(manifest, big)
+    copy = linked_copy(data_dir, tmp_path / "data")
+    (copy / shard["path"]).unlink()  # missing
+    cfg = DataConfig(num_workers=2, alpha=1.0, shuffle_block=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = take(build_train_loader(copy, manifest, cfg, 0, 1, 16), 40)
+        resumed = take(build_train_loader(copy, manifest, cfg, 0, 1, 16, consumed_micro_batches=25), 15)
+    assert [b["keys"] for b in resumed] == [b["keys"] for b in whole[25:]]
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(resumed, whole[25:]))
+    assert sum(key.startswith(big + "-") for b in whole[:25] for key in b["keys"]) > 0
 
 
 def test_losing_every_train_shard_of_a_language_fails_clearly(data, tmp_path):
@@ -369,8 +397,51 @@ def test_losing_every_train_shard_of_a_language_fails_clearly(data, tmp_path):
     for s in manifest["shards"]:
         if s["lang"] == small and s["split"] == "train":
             (copy / s["path"]).unlink()
+    loader = build_train_loader(copy, manifest, DataConfig(num_workers=0, alpha=0.0), 0, 1, 64)
     with pytest.warns(UserWarning, match="missing"), pytest.raises(ShardError, match=f"no readable train shard for '{small}'"):
-        build_train_loader(copy, manifest, DataConfig(num_workers=0), 0, 1, 8)
+        take(loader, 50)
+
+
+def test_a_manifest_of_many_shards_starts_without_touching_them_all(data, tmp_path):
+    """20,000 shards (links to the real ones): building the loader and reading the first
+    batches stats or opens only the shards the stream reaches, not every shard of the manifest.
+    Counted with an audit hook (open) and a counting os.stat, not timed."""
+    data_dir, manifest, _ = data
+    copy = linked_copy(data_dir, tmp_path / "data")
+    train = [s for s in manifest["shards"] if s["split"] == "train"]
+    many = []
+    for i in range(20_000):
+        s = train[i % len(train)]
+        path = f"shards/{s['lang']}/many/{i:06d}.tar"
+        (copy / path).parent.mkdir(exist_ok=True)
+        os.symlink(data_dir / s["path"], copy / path)
+        many.append({**s, "path": path})
+    big = {**manifest, "shards": many + [s for s in manifest["shards"] if s["split"] == "valid"]}
+
+    touched = []
+    root = str(copy / "shards")
+    hook_on = [True]
+
+    def audit(event, args):
+        if hook_on[0] and event == "open" and str(args[0]).startswith(root):
+            touched.append(str(args[0]))
+    sys.addaudithook(audit)  # stays installed (cannot be removed); off after this test
+    real_stat = os.stat
+
+    def counting_stat(path, *args, **kwargs):
+        if str(path).startswith(root):
+            touched.append(str(path))
+        return real_stat(path, *args, **kwargs)
+    try:
+        os.stat = counting_stat
+        loader = build_train_loader(copy, big, DataConfig(num_workers=0), 0, 1, 8)
+        batches = take(loader, 3)
+    finally:
+        os.stat = real_stat
+        hook_on[0] = False
+    assert len(batches) == 3
+    assert 0 < len(set(touched)) <= 3 * 8  # at most one shard per sample read
+    assert len(set(touched)) < len(many) / 100
 
 
 def first_token_offset(path: Path) -> int:
