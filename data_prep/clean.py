@@ -312,7 +312,8 @@ def run_clean(inventory, cfg: CleanConfig, layout: Layout, workers: int, progres
 
     Returns {lang: {"fingerprint", "parts": [part results in corpus order]}} once every part
     of every language is done, or None while other array tasks' units are missing."""
-    routes = [Unit(src.path.name, fingerprint({"source": file_identity(src.path)}), RouteJob(src, layout.routed, cfg.lid.route_unlabelled),
+    routes = [Unit(src.path.name, fingerprint({"source": file_identity(src.path), "unlabelled": cfg.lid.route_unlabelled}),
+                   RouteJob(src, layout.routed, cfg.lid.route_unlabelled),
                    src.path.stat().st_size) for src in inventory.record_sources]
     routed = run_units(layout, "route", routes, route_records, workers=workers, task=task, progress=progress,
                        allowed=allowed, desc="route records")

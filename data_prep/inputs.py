@@ -106,20 +106,36 @@ def discover(input_dir: Path, unlabelled: bool = False) -> Inventory:
     return Inventory(text, records, skipped)
 
 
+# What the decompressors raise on a file cut short or damaged (OSError: gzip's BadGzipFile).
+_DAMAGED = (EOFError, lzma.LZMAError, zstandard.ZstdError, OSError, ValueError)
+
+
 def open_binary(path: Path) -> BinaryIO:
     """Open a (possibly compressed) file; discover() has vetted the names of input files."""
-    return _OPENERS.get(path.suffix.lstrip("."), _OPENERS[None])(path)
+    stream = _OPENERS.get(path.suffix.lstrip("."), _OPENERS[None])(path)
+    stream.source_path = path  # for read_bounded_lines' message
+    return stream
+
+
+def _readline(stream: BinaryIO, limit: int) -> bytes:
+    """One line; a truncated or damaged compressed file is a one-line PrepError naming it."""
+    try:
+        return stream.readline(limit)
+    except _DAMAGED as exc:
+        path = getattr(stream, "source_path", None) or getattr(stream, "name", "an input file")
+        raise PrepError(f"{path} is cut short or damaged ({exc}): copy it again, or move it out of input_dir "
+                        "(the other files' finished work is kept)") from None
 
 
 def read_bounded_lines(stream: BinaryIO, max_bytes: int) -> Iterator[Optional[bytes]]:
     """Yield lines without their newline; None for a line longer than max_bytes (skipped unread)."""
     while True:
-        line = stream.readline(max_bytes + 1)
+        line = _readline(stream, max_bytes + 1)
         if not line:
             return
         if len(line) > max_bytes and not line.endswith(b"\n"):
             while True:  # drain the rest of the overlong line in bounded pieces
-                rest = stream.readline(1 << 20)
+                rest = _readline(stream, 1 << 20)
                 if not rest or rest.endswith(b"\n"):
                     break
             yield None

@@ -16,7 +16,7 @@ from .errors import PrepError
 from .inputs import UNLABELLED
 from .lid import accepted_labels
 from .sampling import temperature_probs
-from .state import Layout
+from .state import Layout, load_marker
 
 FORMAT = "xlmr-shards"
 FORMAT_VERSION = 1
@@ -50,9 +50,28 @@ def lid_record(cfg: PrepConfig, clean_stats: Dict[str, Dict], excluded: Dict[str
     }
 
 
+DROP_REASONS = ("bad_json", "missing_text_or_lang", "too_long_records")
+
+
+def dropped_records(layout: Layout, record_files: List[str]) -> Dict:
+    """Records of JSONL/parquet input the route step dropped, per reason and per file (from
+    the route markers): bad JSON, no usable text or lang, a record over 256 MB."""
+    by_file = {}
+    for name in record_files:
+        marker = load_marker(layout.marker("route", name)) or {}
+        stats = marker.get("result") or {}  # units.py: the route unit's result
+        counts = {reason: stats.get(reason, 0) for reason in DROP_REASONS if stats.get(reason)}
+        if counts:
+            by_file[name] = counts
+    total = {reason: sum(c.get(reason, 0) for c in by_file.values()) for reason in DROP_REASONS}
+    return {**total, "by_file": by_file}
+
+
 def build_manifest(layout: Layout, cfg: PrepConfig, clean_stats: Dict[str, Dict], vocab: Dict,
-                   encoded: Dict[str, Dict], excluded: Dict[str, Dict], skipped_files: List[str]) -> Dict:
-    """`encoded`: per language its chunk records and its shards in order (encode.run_encode)."""
+                   encoded: Dict[str, Dict], excluded: Dict[str, Dict], skipped_files: List[str],
+                   dropped: Dict | None = None) -> Dict:
+    """`encoded`: per language its chunk records and its shards in order (encode.run_encode);
+    `dropped`: dropped_records()."""
     shards = [s for lang in sorted(encoded) for s in encoded[lang]["shards"]]
     for s in shards:
         path = layout.root / s["path"]
@@ -75,6 +94,7 @@ def build_manifest(layout: Layout, cfg: PrepConfig, clean_stats: Dict[str, Dict]
         "lid": lid_record(cfg, clean_stats, excluded),
         "excluded_languages": excluded,
         "skipped_files": skipped_files,
+        "dropped_records": dropped or {**{reason: 0 for reason in DROP_REASONS}, "by_file": {}},
         "shards": shards,
         "config": asdict(cfg),
     }

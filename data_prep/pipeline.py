@@ -22,7 +22,7 @@ from .encode import run_encode
 from .errors import PrepError
 from .inputs import UNLABELLED, discover
 from .lid import LID_ACTIONS, LID_UNITS
-from .manifest import build_manifest
+from .manifest import build_manifest, dropped_records
 from .report import write_report
 from .state import Layout, apply_force
 from .vocab import run_vocab
@@ -120,7 +120,10 @@ def run_prep(cfg: PrepConfig) -> Dict:
         return task_done(cfg, "encode")
     if last < STAGES.index("manifest"):
         return {}
-    manifest = build_manifest(layout, cfg, clean_stats, vocab, chunks, excluded, inventory.skipped)
+    dropped = dropped_records(layout, [src.path.name for src in inventory.record_sources])
+    for name, counts in dropped["by_file"].items():
+        log.warning("dropped records of %s: %s", name, ", ".join(f"{n} {reason}" for reason, n in counts.items()))
+    manifest = build_manifest(layout, cfg, clean_stats, vocab, chunks, excluded, inventory.skipped, dropped)
     if "report" not in wanted:
         return manifest
     table = write_report(manifest, layout.report)

@@ -12,6 +12,7 @@ from typing import Dict, List
 
 from .atomic import atomic_open, write_json
 from .clean import FILTERS
+from .manifest import DROP_REASONS
 
 COLUMNS = ["lang", "docs", "lines", "chars", "tokens", "sequences", "unk %", *FILTERS, "p %", "q %"]
 
@@ -100,10 +101,15 @@ def plot_lid_confidence(manifest: Dict, path: Path) -> None:
 def write_report(manifest: Dict, out_dir: Path) -> str:
     rows = report_rows(manifest)
     table = format_table(rows)
+    dropped = manifest.get("dropped_records") or {}
+    if any(dropped.get(reason) for reason in DROP_REASONS):
+        table += "\n\ndropped records: " + ", ".join(
+            f"{name} ({', '.join(f'{n} {reason}' for reason, n in counts.items())})"
+            for name, counts in dropped["by_file"].items())
     with atomic_open(out_dir / "report.md", "w", encoding="utf-8") as f:
         f.write(table + "\n")
     write_json(out_dir / "report.json", {"columns": COLUMNS, "rows": rows,
-                                         "skipped_files": manifest["skipped_files"],
+                                         "skipped_files": manifest["skipped_files"], "dropped_records": dropped,
                                          "lid_unjudged_languages": manifest["lid"]["unjudged_languages"]})
     plot_languages(manifest, out_dir / "languages.png")
     if manifest["lid"]["enabled"]:

@@ -151,7 +151,7 @@ def bench_corpus(name: str, input_dir: Path, input_mb: float, workers: int, cfg:
                 f"stages=[{stage}]", f"workers={workers}", "progress=false", *cfg.prep]
         row = {"corpus": name, "input_mb": round(input_mb, 1), "workers": workers, "stage": stage,
                **run_measured(argv, cfg.poll_s, out.parent / f"{name}-w{workers}.log")}
-        text_mb = input_mb if stage in CLEANING else sum(p.stat().st_size for p in (out / "clean").glob("*.txt")) / 1e6
+        text_mb = input_mb if stage in CLEANING else sum(p.stat().st_size for p in (out / "clean").glob("*/*.txt")) / 1e6
         # The processes that did the work: a pool's workers (the parent waits; a stage may run
         # pools one after the other, each of at most `workers`), or the one process (one language
         # cleans in one process today, whatever `workers`).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,8 +121,9 @@ def load_marker(path: Path) -> Optional[Dict[str, Any]]:
         return None
     try:
         return read_json(path)
-    except (ValueError, OSError):
-        return None  # unreadable marker: the work is simply redone
+    except (ValueError, OSError) as exc:  # the work is simply redone (its outputs are written atomically)
+        logging.getLogger("xlmr-prep").warning("%s is damaged (%s): redoing the work it marks", path, exc)
+        return None
 
 
 def require_allowed(stage: str, pending: int, allowed: bool) -> None:

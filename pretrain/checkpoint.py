@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,7 +52,8 @@ FORMAT_VERSION = 1
 # the same on every rank), NaN-skipped steps, the W&B run id, the data fingerprint; plus "rng",
 # every rank's RNG states.
 CLIENT_KEYS = ("step", "tokens_seen", "consumed_micro_batches", "skipped_steps", "wandb_run_id",
-               "vocab_sha256", "manifest_sha256", "data_plan")
+               "vocab_sha256", "manifest_sha256", "data_plan", "damaged_shards")
+META_KEYS = ("step", "vocab_sha256", "manifest_sha256")  # what resume reads first
 UNIVERSAL = "universal"  # inside a tag: its DeepSpeed universal checkpoint, made on the first resized resume
 
 
@@ -96,13 +98,23 @@ def remove_incomplete(ckpt_dir: Path) -> list[str]:
     return sorted(p.name for p in incomplete)
 
 
-def find_resume_checkpoint(run_dir: Path, resume: str) -> Optional[Path]:
-    """The tag to resume from: resume=auto -> the newest complete one in run_dir (or None),
-    never -> None (refusing a run_dir that already has checkpoints), else a path to a tag,
-    a checkpoints dir or a run dir."""
+def find_resume_checkpoint(run_dir: Path, resume: str, say=None) -> Optional[Path]:
+    """The tag to resume from: resume=auto -> the newest complete, undamaged one in run_dir
+    (or None; each damaged one is reported through ``say`` and skipped), never -> None
+    (refusing a run_dir that already has checkpoints), else a path to a tag, a checkpoints
+    dir or a run dir, which must not be damaged."""
     own = complete_checkpoints(run_dir / CHECKPOINTS)
     if resume == "auto":
-        return own[-1] if own else None
+        for tag in reversed(own):
+            why = damage(tag)
+            if why is None:
+                return tag
+            if say:
+                say(f"skipping damaged checkpoint {tag}: {why}")
+        if own:  # starting over would throw the run away: the user decides
+            raise PretrainError(f"every checkpoint in {run_dir / CHECKPOINTS} is damaged (the newest: "
+                                f"{damage(own[-1])}): restore one from a copy, or move them away to start over")
+        return None
     if resume == "never":
         if own:
             raise PretrainError(
@@ -112,16 +124,64 @@ def find_resume_checkpoint(run_dir: Path, resume: str) -> Optional[Path]:
         return None
     path = Path(resume)
     if (path / MARKER).is_file():
-        return path
-    found = complete_checkpoints(path) or complete_checkpoints(path / CHECKPOINTS)
+        found = [path]
+    else:
+        found = complete_checkpoints(path) or complete_checkpoints(path / CHECKPOINTS)
     if not found:
         raise PretrainError(f"resume={resume}: no complete checkpoint there (a tag dir holds {MARKER})")
+    why = damage(found[-1])
+    if why is not None:
+        raise PretrainError(f"resume={resume}: the checkpoint {found[-1]} is damaged: {why}; "
+                            "give an older tag, or resume=auto to take the newest undamaged one")
     return found[-1]
 
 
 def read_meta(tag_dir: Path) -> dict:
-    with open(tag_dir / MARKER, encoding="utf-8") as f:
-        return json.load(f)
+    """A tag's checkpoint.json; PretrainError naming the file if it is not one."""
+    path = tag_dir / MARKER
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PretrainError(f"{path} is damaged (not JSON: {exc}): use another checkpoint") from None
+    except OSError as exc:
+        raise PretrainError(f"{path}: cannot read it ({exc.strerror}): use another checkpoint") from None
+    missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise PretrainError(f"{path} is damaged (no {', '.join(missing)}): use another checkpoint")
+    return meta
+
+
+def damage(tag_dir: Path) -> Optional[str]:
+    """Why a tag with a completion marker cannot be resumed from, or None: a marker that is
+    not JSON or lacks keys, or a file of the save missing, of another size than the marker
+    recorded, or (older markers without sizes) a torch file cut short."""
+    try:
+        meta = read_meta(tag_dir)
+    except PretrainError as exc:
+        return str(exc).split(": use another checkpoint")[0].replace(f"{tag_dir / MARKER} is ", f"{MARKER} is ")
+    if meta["step"] != _tag_step(tag_dir):
+        return f"{MARKER} says step {meta['step']}, its dir is {tag_dir.name}"
+    files = meta.get("files")
+    if files is None:  # written before sizes were recorded
+        files = {p.name: None for p in tag_dir.glob("*.pt")}
+        if not files:
+            return "no DeepSpeed files (*.pt)"
+    for name, size in sorted(files.items()):
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if size is not None and path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {MARKER} says {size}"
+        if size is None and not zipfile.is_zipfile(path):  # torch.save writes a zip; a cut one has no end record
+            return f"{name} is cut short (not a complete torch file)"
+    return None
+
+
+def _tag_step(tag_dir: Path) -> Optional[int]:
+    try:
+        return int(tag_dir.name.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return None
 
 
 def check_compatible(tag_dir: Path, fingerprint: dict, model: dict) -> dict:
@@ -139,8 +199,9 @@ def check_compatible(tag_dir: Path, fingerprint: dict, model: dict) -> dict:
             f"(sha256 {fingerprint['manifest_sha256'][:12]}… vs {str(meta.get('manifest_sha256'))[:12]}…): "
             "the data order would not continue; use the same data_dir, or a new run_dir"
         )
-    changed = {k: (meta["model"].get(k), v) for k, v in model.items()
-               if k not in ("dropout", "attention_dropout", "activation_checkpointing") and meta["model"].get(k) != v}
+    saved = meta.get("model") or {}
+    changed = {k: (saved.get(k), v) for k, v in model.items()
+               if k not in ("dropout", "attention_dropout", "activation_checkpointing") and saved.get(k) != v}
     if changed:
         diff = ", ".join(f"model.{k}={new} (checkpoint: {old})" for k, (old, new) in changed.items())
         raise PretrainError(f"cannot resume from {tag_dir}: the model differs: {diff}")
@@ -216,8 +277,10 @@ def save_checkpoint(engine, run_dir: Path, state: dict, meta: dict, keep_last: i
     barrier()  # every rank's shards are written
     if rank == 0:
         os.replace(ckpt_dir / (tag + PARTIAL), ckpt_dir / tag)
+        files = {p.name: p.stat().st_size for p in sorted((ckpt_dir / tag).iterdir()) if p.is_file()}
         meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, step=state["step"],
-                    tokens_seen=state["tokens_seen"], saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                    tokens_seen=state["tokens_seen"], saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    files=files)  # what resume checks (damage()) on file systems without atomic rename
         write_json(ckpt_dir / tag / MARKER, meta)
         with atomic_open(ckpt_dir / LATEST, "w", encoding="utf-8") as f:
             f.write(tag)

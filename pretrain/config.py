@@ -8,7 +8,9 @@ settings are the dataclasses of the modules that own them.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -70,6 +72,9 @@ class TrainerConfig:
     max_nonfinite_steps: int = 5  # stop after this many NaN/inf losses in a row (each is skipped)
     peak_flops: float = 989e12  # per device, for MFU (H100 SXM, dense bf16); ignored on CPU
     compile: bool = False  # torch.compile the model (DeepSpeed's engine.compile()): faster steps after a warm-up
+    # A requeued SLURM job waits this long for its earlier instance to release the run dir's
+    # lock (runlock.py); any other second trainer on the run dir is refused at once.
+    lock_wait_s: float = 300.0
 
 
 @dataclass
@@ -114,38 +119,87 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)
 
 
+def _rules(cfg: PretrainConfig) -> list[tuple[str, Any, bool, str]]:
+    """(key, value, ok, what it must be) for every setting with a range: checked at start,
+    before anything is read or written, so a typo in a value fails in a second, not hours in."""
+    m, ms, d, ds, opt, tr, pr = cfg.model, cfg.masking, cfg.data, cfg.deepspeed, cfg.optim, cfg.trainer, cfg.probe
+    probability = "in [0, 1]"
+    return [
+        ("model.vocab_size", m.vocab_size, m.vocab_size >= 0, ">= 0 (0: from the data)"),
+        ("model.hidden_size", m.hidden_size, m.hidden_size >= 1, ">= 1"),
+        ("model.num_layers", m.num_layers, m.num_layers >= 1, ">= 1"),
+        ("model.num_heads", m.num_heads, m.num_heads >= 1 and m.hidden_size % m.num_heads == 0,
+         f">= 1 and divide model.hidden_size={m.hidden_size}"),
+        ("model.ffn_size", m.ffn_size, m.ffn_size >= 1, ">= 1"),
+        ("model.max_positions", m.max_positions, m.max_positions >= m.pad_id + 2, ">= model.pad_id + 2"),
+        ("model.dropout", m.dropout, 0 <= m.dropout < 1, "in [0, 1)"),
+        ("model.attention_dropout", m.attention_dropout, 0 <= m.attention_dropout < 1, "in [0, 1)"),
+        ("model.layer_norm_eps", m.layer_norm_eps, m.layer_norm_eps > 0, "> 0"),
+        ("model.init_std", m.init_std, m.init_std > 0, "> 0"),
+        ("model.pad_id", m.pad_id, m.pad_id >= 0, ">= 0"),
+        ("masking.mask_prob", ms.mask_prob, 0 <= ms.mask_prob <= 1, probability),
+        ("masking.end_mask_prob", ms.end_mask_prob, 0 <= ms.end_mask_prob <= 1, probability),
+        ("masking.mask_token_prob", ms.mask_token_prob, 0 <= ms.mask_token_prob <= 1, probability),
+        ("masking.random_token_prob", ms.random_token_prob,
+         0 <= ms.random_token_prob <= 1 and ms.mask_token_prob + ms.random_token_prob <= 1,
+         "in [0, 1] and at most 1 - masking.mask_token_prob"),
+        ("masking.schedule", ms.schedule, ms.schedule in MASK_SCHEDULES, f"one of {', '.join(MASK_SCHEDULES)}"),
+        ("masking.schedule_start", ms.schedule_start, ms.schedule_start >= 0, ">= 0"),
+        ("masking.schedule_end", ms.schedule_end, ms.schedule_end is None or ms.schedule_end >= ms.schedule_start,
+         ">= masking.schedule_start (or null)"),
+        ("data.alpha", d.alpha, d.alpha >= 0, ">= 0"),
+        ("data.seed", d.seed, d.seed >= 0, ">= 0"),
+        ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
+        ("data.prefetch_factor", d.prefetch_factor, d.prefetch_factor >= 1, ">= 1"),
+        ("data.shuffle_block", d.shuffle_block, d.shuffle_block >= 1, ">= 1"),
+        ("data.valid_max_sequences_per_lang", d.valid_max_sequences_per_lang,
+         d.valid_max_sequences_per_lang is None or d.valid_max_sequences_per_lang >= 0, ">= 0 (or null)"),
+        ("data.on_damaged_shard", d.on_damaged_shard, d.on_damaged_shard in ("fail", "skip"), "fail or skip"),
+        ("deepspeed.zero_stage", ds.zero_stage, ds.zero_stage in (0, 1, 2, 3), "0, 1, 2 or 3"),
+        ("deepspeed.precision", ds.precision, ds.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
+        ("deepspeed.micro_batch_size", ds.micro_batch_size, ds.micro_batch_size >= 1, ">= 1"),
+        ("deepspeed.gradient_accumulation_steps", ds.gradient_accumulation_steps, ds.gradient_accumulation_steps >= 1,
+         ">= 1"),
+        ("deepspeed.gradient_clipping", ds.gradient_clipping, ds.gradient_clipping >= 0, ">= 0 (0: off)"),
+        ("optim.lr", opt.lr, 0 <= opt.lr < math.inf, ">= 0 (0: the weights stay as they are)"),
+        ("optim.betas", list(opt.betas), len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas),
+         "two numbers in [0, 1)"),
+        ("optim.eps", opt.eps, opt.eps > 0, "> 0"),
+        ("optim.weight_decay", opt.weight_decay, opt.weight_decay >= 0, ">= 0"),
+        ("optim.warmup_steps", opt.warmup_steps, opt.warmup_steps is None or opt.warmup_steps >= 0, ">= 0 (or null)"),
+        ("optim.schedule", opt.schedule, opt.schedule in ("linear", "polynomial", "inverse_sqrt", "wsd"),
+         "linear, polynomial, inverse_sqrt or wsd"),
+        ("optim.power", opt.power, opt.power > 0, "> 0"),
+        ("optim.end_lr", opt.end_lr, 0 <= opt.end_lr and (opt.end_lr <= opt.lr or not 0 <= opt.lr < math.inf),
+         "in [0, optim.lr]"),
+        ("optim.decay_start", opt.decay_start, opt.decay_start is None or opt.decay_start >= 0, ">= 0 (or null)"),
+        ("optim.decay_steps", opt.decay_steps, opt.decay_steps is None or opt.decay_steps >= 0, ">= 0 (or null)"),
+        ("optim.decay_shape", opt.decay_shape, opt.decay_shape in SHAPES, f"one of {', '.join(SHAPES)}"),
+        ("trainer.max_steps", tr.max_steps, tr.max_steps >= 1, ">= 1"),
+        ("trainer.stop_at_step", tr.stop_at_step, tr.stop_at_step is None or tr.stop_at_step >= 1, ">= 1 (or null)"),
+        ("trainer.seed", tr.seed, tr.seed >= 0, ">= 0"),
+        ("trainer.log_every", tr.log_every, tr.log_every >= 1, ">= 1"),
+        ("trainer.save_every", tr.save_every, tr.save_every >= 1, ">= 1"),
+        ("trainer.keep_last", tr.keep_last, tr.keep_last >= 1, ">= 1"),
+        ("trainer.eval_every", tr.eval_every, tr.eval_every >= 0, ">= 0 (0: only at the end)"),
+        ("trainer.probe_every", tr.probe_every, tr.probe_every >= 0, ">= 0 (0: no probes)"),
+        ("trainer.max_nonfinite_steps", tr.max_nonfinite_steps, tr.max_nonfinite_steps >= 1, ">= 1"),
+        ("trainer.peak_flops", tr.peak_flops, tr.peak_flops > 0, "> 0"),
+        ("trainer.lock_wait_s", tr.lock_wait_s, tr.lock_wait_s >= 0, ">= 0"),
+        ("probe.layer", pr.layer, pr.layer is None or 0 <= pr.layer <= m.num_layers,
+         f"in [0, model.num_layers={m.num_layers}] (or null)"),
+        ("probe.max_tokens", pr.max_tokens, pr.max_tokens >= 3, ">= 3"),
+        ("probe.batch_size", pr.batch_size, pr.batch_size >= 1, ">= 1"),
+        ("wandb.mode", cfg.wandb.mode, cfg.wandb.mode in ("offline", "online", "disabled"), "offline, online or disabled"),
+        ("resume", cfg.resume, cfg.resume != "", "auto, never or a checkpoint path"),
+    ]
+
+
 def check_config(cfg: PretrainConfig) -> None:
-    """Value checks Hydra's types cannot express; raises PretrainError with the key's name."""
-    ds, opt, tr = cfg.deepspeed, cfg.optim, cfg.trainer
-    problems = []
-    if ds.zero_stage not in (0, 1, 2, 3):
-        problems.append(f"deepspeed.zero_stage={ds.zero_stage}: must be 0, 1, 2 or 3")
-    if ds.precision not in ("auto", "bf16", "fp32"):
-        problems.append(f"deepspeed.precision={ds.precision}: must be auto, bf16 or fp32")
-    if ds.micro_batch_size < 1 or ds.gradient_accumulation_steps < 1:
-        problems.append("deepspeed.micro_batch_size and deepspeed.gradient_accumulation_steps must be >= 1")
-    if opt.schedule not in ("linear", "polynomial", "inverse_sqrt", "wsd"):
-        problems.append(f"optim.schedule={opt.schedule}: must be linear, polynomial, inverse_sqrt or wsd")
-    if opt.decay_shape not in SHAPES:
-        problems.append(f"optim.decay_shape={opt.decay_shape}: must be one of {', '.join(SHAPES)}")
-    if (opt.decay_start is not None and opt.decay_start < 0) or (opt.decay_steps is not None and opt.decay_steps < 0):
-        problems.append("optim.decay_start and optim.decay_steps must be >= 0")
-    m = cfg.masking
-    if m.schedule not in MASK_SCHEDULES:
-        problems.append(f"masking.schedule={m.schedule}: must be one of {', '.join(MASK_SCHEDULES)}")
-    if not (0 <= m.mask_prob <= 1 and 0 <= m.end_mask_prob <= 1):
-        problems.append("masking.mask_prob and masking.end_mask_prob must be in [0, 1]")
-    if m.mask_token_prob < 0 or m.random_token_prob < 0 or m.mask_token_prob + m.random_token_prob > 1:
-        problems.append("masking.mask_token_prob and random_token_prob must be >= 0 and add up to at most 1")
-    if len(opt.betas) != 2:
-        problems.append(f"optim.betas={list(opt.betas)}: must be two numbers")
-    if tr.probe_every < 0:
-        problems.append(f"trainer.probe_every={tr.probe_every}: must be >= 0 (0: no probes)")
-    if tr.max_steps < 1 or tr.save_every < 1 or tr.log_every < 1 or tr.keep_last < 1:
-        problems.append("trainer.max_steps, save_every, log_every and keep_last must be >= 1")
-    if cfg.resume == "":
-        problems.append("resume is empty: use auto, never or a checkpoint path")
-    if cfg.wandb.mode not in ("offline", "online", "disabled"):
-        problems.append(f"wandb.mode={cfg.wandb.mode}: must be offline, online or disabled")
+    """Range checks Hydra's types cannot express; raises PretrainError naming every bad key."""
+    problems = [f"{key}={value}: must be {rule}" for key, value, ok, rule in _rules(cfg) if not ok]
+    run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        problems.append(f"run_dir={run_dir}: is a file, not a directory")
     if problems:
         raise PretrainError("; ".join(problems))

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
-import subprocess
 import warnings
 from dataclasses import dataclass
 
@@ -24,7 +22,9 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
 import deepspeed  # noqa: E402
 from deepspeed.utils import logger as deepspeed_logger  # noqa: E402
 
+from pretrain.cluster.slurm import task_env  # noqa: E402
 from pretrain.config import DeepSpeedConfig, PretrainError  # noqa: E402
+from pretrain.opbuild import check_op_build  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -35,35 +35,34 @@ class DistEnv:
     device: torch.device
 
 
-def _first_host(nodelist: str) -> str:
-    """The first node of a SLURM nodelist ("gpu[03-05,09]" -> "gpu03")."""
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-        return out.stdout.split()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        m = re.match(r"([^,\[]+)(?:\[([^,\]-]+))?", nodelist)
-        return m.group(1) + (m.group(2) or "")
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def rendezvous_env(env) -> dict[str, str]:
+    """What init_distributed adds to the environment (see its docstring): nothing under
+    torchrun, an srun task's variables, or a single process's."""
+    if "RANK" in env:
+        return {}
+    if "SLURM_PROCID" in env:
+        return task_env(env)
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+
+
 def init_distributed() -> DistEnv:
     """Join the process group: torchrun's RANK/WORLD_SIZE/LOCAL_RANK, else SLURM's task
-    variables (`srun` with one task per GPU), else a single process."""
+    variables (`srun` with one task per GPU), else a single process.
+
+    The one rendezvous rule: a port two runs on one node never share. torchrun: its own
+    (`--standalone` picks a free one); srun (direct, or through `pretrain.cluster.slurm launch`):
+    the port derived from the job id and restart count (cluster/slurm.py master_port); a single
+    process: a free port of its own, whatever MASTER_PORT the shell has."""
     env = os.environ
-    if "RANK" not in env and "SLURM_PROCID" in env:
-        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
-        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        env.setdefault("MASTER_ADDR", _first_host(env["SLURM_JOB_NODELIST"]))
-        env.setdefault("MASTER_PORT", "29500")
-    if "RANK" not in env:
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
+    env.update(rendezvous_env(env))
+    if env["RANK"] == "0" or env.get("LOCAL_RANK") == "0":
+        check_op_build(print if env["RANK"] == "0" else (lambda *args, **kwargs: None))
     local_rank = int(env.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

@@ -2,7 +2,7 @@
 configured (offline by default). Also the FLOPs-per-token estimate behind MFU.
 
 metrics.jsonl holds one JSON object per logged step: "step", "loss", "accuracy", "lr",
-"grad_norm", "tokens_per_s", "samples_per_s", "data_wait_s", "skipped_steps", "tokens_seen",
+"grad_norm", "tokens_per_s", "samples_per_s", "data_wait_s", "skipped_steps", "tokens_seen", "damaged_shards",
 "lang_loss/<lang>", the schedules' "phase", "alpha", "languages_in_play", "mask_prob",
 "masked_fraction", "lang_share/<lang>", on GPU "mfu" and "gpu_memory_gb", after a validation pass
 "valid/loss", "valid/accuracy", "valid_lang_loss/<lang>", and after a cross-lingual probe
@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any, Optional
 
-from pretrain.config import WandbConfig
+from pretrain.config import PretrainError, WandbConfig
 from pretrain.model import ModelConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -46,8 +47,16 @@ def wandb_run_id(run_dir: Path, from_checkpoint: Optional[str]) -> str:
     """The W&B run id of this run dir: kept in RUN_DIR/wandb_run_id (and in every checkpoint),
     so a restarted or requeued run continues the same W&B run."""
     path = run_dir / WANDB_ID_FILE
-    if path.is_file() and path.read_text().strip():
-        return path.read_text().strip()
+    if path.is_file():
+        try:
+            saved = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            saved = f"unreadable: {exc}"
+        if saved and not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", saved):
+            raise PretrainError(f"{path} is damaged (it holds no W&B run id: {saved[:40]!r}): restore it (xlmr-status "
+                                "and every checkpoint's client state know the id), or delete it to log to a new W&B run")
+        if saved:
+            return saved
     run_id = from_checkpoint or secrets.token_hex(6)  # not `random`: the training RNG stays untouched
     run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(run_id + "\n")

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from data_prep.state import sha256_file
-from pretrain import checkpoint, preemption
+from pretrain import checkpoint, faults, preemption
 from pretrain.interop.consolidate import load_model
 from pretrain.config import PretrainConfig, PretrainError, check_config
 from pretrain.data import (
@@ -47,16 +47,17 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
     langs = languages(manifest)
     fingerprint = checkpoint.data_fingerprint(manifest)
 
-    # ---- where we start: fresh, or the newest complete checkpoint -------------------------
-    resume_from = checkpoint.find_resume_checkpoint(run_dir, cfg.resume)
-    resume_meta = checkpoint.check_compatible(resume_from, fingerprint, dataclasses.asdict(model_cfg)) if resume_from else None
-
     env = init_distributed()
     preemption.install()  # SIGUSR1/SIGTERM (SLURM): checkpoint and exit at the next step
     rank, world, device = env.rank, env.world_size, env.device
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
     say = print if rank == 0 else (lambda *args, **kwargs: None)  # progress lines: rank 0 only
-    if rank == 0:
+    run_lock = faults.lock_run_dir(run_dir, rank, tr.lock_wait_s, say)  # one trainer per run dir, until the end
+
+    # ---- where we start: fresh, or the newest complete and undamaged checkpoint ------------
+    resume_from = checkpoint.find_resume_checkpoint(run_dir, cfg.resume, say)
+    resume_meta = checkpoint.check_compatible(resume_from, fingerprint, dataclasses.asdict(model_cfg)) if resume_from else None
+    if rank == 0:  # under the lock: nobody else is saving
         for name in checkpoint.remove_incomplete(run_dir / checkpoint.CHECKPOINTS):
             say(f"removed {name}: a checkpoint save that was interrupted")
         checkpoint.keep_vocabulary(run_dir, cfg.data_dir, manifest)
@@ -83,7 +84,7 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
     torch.manual_seed(_rank_seed(tr.seed, rank))  # dropout: a different stream per rank
 
     state = {"step": 0, "tokens_seen": 0, "consumed_micro_batches": 0, "skipped_steps": 0, "wandb_run_id": None,
-             "data_plan": None, **fingerprint}
+             "data_plan": None, "damaged_shards": [], **fingerprint}
     if resume_from:
         state.update(checkpoint.load_checkpoint(engine, resume_from, rank, world))
         say(f"resuming from step {state['step']} ({resume_from})")
@@ -99,12 +100,13 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
         saved_plan = state["data_plan"]
         state["data_plan"] = carry_over_plan(cfg.data_dir, manifest, cfg.data, saved_plan,
                                              state["consumed_micro_batches"], world, ds.micro_batch_size,
-                                             ds.gradient_accumulation_steps)
+                                             ds.gradient_accumulation_steps, state["damaged_shards"])
         if saved_plan is not None and state["data_plan"] is not saved_plan:
             say(f"data position carried over from {saved_plan['layout']} to {state['data_plan']['layout']}: "
                 "the unread rest of every language is dealt anew, no sample repeated or skipped")
         loader = build_train_loader(cfg.data_dir, manifest, cfg.data, rank, world, ds.micro_batch_size,
-                                    state["consumed_micro_batches"], state["data_plan"], ds.gradient_accumulation_steps)
+                                    state["consumed_micro_batches"], state["data_plan"], ds.gradient_accumulation_steps,
+                                    state["damaged_shards"])
         valid_loaders = build_valid_loaders(cfg.data_dir, manifest, cfg.data, rank, world, ds.micro_batch_size)
     except (OSError, ValueError, ShardError) as exc:
         raise PretrainError(str(exc)) from None
@@ -143,6 +145,7 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
         t0 = time.perf_counter()
         micro_batches = [next(batches) for _ in range(gas)]  # the whole step's data, ahead
         interval.data_wait += time.perf_counter() - t0
+        faults.note_damaged_shards(micro_batches, state, step + 1, cfg.data.on_damaged_shard == "skip", say)
         # Masks depend only on (seed, step, rank, micro-batch): a resumed run masks the same.
         masked = [mask_batch(b["input_ids"], cfg.masking, masking_generator(tr.seed, step, rank, k), vocab_size=V,
                              word_start=word_start, mask_prob=mask_prob) for k, b in enumerate(micro_batches)]
@@ -181,7 +184,7 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
         if step % tr.log_every == 0 or step == stop_at:
             record = interval.record(langs, state, model_cfg, seq_len, tr.peak_flops, world, device)
             record.update(phase=phase, alpha=mixture.alphas[phase], languages_in_play=len(mixture.in_play(step - 1)),
-                          mask_prob=mask_prob)
+                          mask_prob=mask_prob, damaged_shards=len(state["damaged_shards"]))
             logger.log(step, record)
             say(_progress_line(step, tr.max_steps, record))
             interval = _Interval(len(langs))
@@ -211,6 +214,7 @@ def train(cfg: PretrainConfig, resolved_config: Optional[dict] = None) -> None:
         say(f"nothing to do: the checkpoint is at step {state['step']} (trainer.max_steps={tr.max_steps})")
     logger.close()  # rank 0 may still be closing W&B: the others wait in the shutdown's barrier
     shutdown_distributed()
+    run_lock.release()
     if preempted:
         preemption.exit_preempted()
 

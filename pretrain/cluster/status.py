@@ -9,13 +9,16 @@ RUN_DIR/wandb_run_id with RUN_DIR/wandb/ (the W&B run, or the offline folders to
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 CHECKPOINTS, MARKER, METRICS, WANDB_ID = "checkpoints", "checkpoint.json", "metrics.jsonl", "wandb_run_id"
+LOCK_FILE = "run.lock"  # pretrain/runlock.py
 SMOOTHING = 0.9  # EMA weight of the past, over logged records (as W&B's default smoothing)
 
 
@@ -31,12 +34,42 @@ def _read_json_lines(path: Path) -> list[dict]:
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[dict]:
+    """The newest checkpoint whose checkpoint.json reads, with the newer ones that do not
+    (as the trainer's resume skips them) under "damaged"."""
     ckpts = sorted(p for p in (run_dir / CHECKPOINTS).glob("step_*") if (p / MARKER).is_file())
-    if not ckpts:
+    damaged = []
+    for tag in reversed(ckpts):
+        try:
+            meta = json.loads((tag / MARKER).read_text(encoding="utf-8"))
+            if not isinstance(meta, dict) or "step" not in meta:
+                raise ValueError("no step")
+        except (OSError, ValueError) as exc:
+            damaged.append(f"{tag} ({MARKER} unreadable: {exc})")
+            continue
+        return {"path": str(tag), "step": meta.get("step"), "tokens_seen": meta.get("tokens_seen"),
+                "saved_at": meta.get("saved_at"), "config": meta.get("config") or {}, "damaged": damaged}
+    return {"path": None, "damaged": damaged} if damaged else None
+
+
+def lock_holder(run_dir: Path) -> Optional[dict]:
+    """Who holds the run dir's lock (pretrain/runlock.py) now, from run.lock; None if nobody."""
+    path = run_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
         return None
-    meta = json.loads((ckpts[-1] / MARKER).read_text(encoding="utf-8"))
-    return {"path": str(ckpts[-1]), "step": meta.get("step"), "tokens_seen": meta.get("tokens_seen"),
-            "saved_at": meta.get("saved_at"), "config": meta.get("config") or {}}
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # ours for an instant: nobody holds it
+            return None
+        except OSError:
+            pass
+        try:
+            return json.loads(os.pread(fd, 4096, 0).decode())
+        except ValueError:
+            return {}
+    finally:
+        os.close(fd)
 
 
 def _run_config(run_dir: Path, ckpt: Optional[dict]) -> dict:
@@ -83,9 +116,12 @@ def run_status(run_dir: Path) -> dict:
     records = _read_json_lines(run_dir / METRICS)
     train = [r for r in records if r.get("loss") is not None]
     max_steps = (config.get("trainer") or {}).get("max_steps")
-    status: dict[str, Any] = {"run_dir": str(run_dir), "max_steps": max_steps, "checkpoint": None}
-    if ckpt:
+    status: dict[str, Any] = {"run_dir": str(run_dir), "max_steps": max_steps, "checkpoint": None,
+                              "running": lock_holder(run_dir)}
+    if ckpt and ckpt["path"]:
         status["checkpoint"] = {k: ckpt[k] for k in ("path", "step", "saved_at")}
+    if ckpt and ckpt["damaged"]:
+        status["damaged_checkpoints"] = ckpt["damaged"]
     last = train[-1] if train else None
     step = last["step"] if last else (ckpt or {}).get("step")
     tokens_seen = last.get("tokens_seen") if last else (ckpt or {}).get("tokens_seen")
@@ -115,7 +151,13 @@ def _duration(seconds: float) -> str:
 def format_status(st: dict) -> str:
     lines = [f"run dir      {st['run_dir']}"]
     c = st["checkpoint"]
+    h = st.get("running")
+    if h is not None:
+        job = f", SLURM job {h['slurm_job_id']}" if h.get("slurm_job_id") else ""
+        lines.append(f"running      pid {h.get('pid')} on {h.get('host')}{job}, since {h.get('started')}")
     lines.append(f"checkpoint   {c['path']} (step {c['step']}, saved {c['saved_at']})" if c else "checkpoint   none yet")
+    for damaged in st.get("damaged_checkpoints", []):
+        lines.append(f"damaged      {damaged}: resume skips it")
     if st.get("step") is not None:
         of = f" of {st['max_steps']}" if st.get("max_steps") else ""
         done = f" ({100 * st['step'] / st['max_steps']:.1f}%)" if st.get("max_steps") else ""
@@ -147,7 +189,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not args.run_dir.is_dir():
         print(f"xlmr-status: error: {args.run_dir} is not a directory", file=sys.stderr)
         sys.exit(2)
-    if not (args.run_dir / METRICS).is_file() and not (args.run_dir / CHECKPOINTS).is_dir():
+    if not any((args.run_dir / name).exists() for name in (METRICS, CHECKPOINTS, LOCK_FILE)):
         print(f"xlmr-status: error: {args.run_dir} holds no metrics.jsonl or checkpoints/: "
               "not a run dir of xlmr-pretrain, or the run has not logged yet", file=sys.stderr)
         sys.exit(2)

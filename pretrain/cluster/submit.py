@@ -187,6 +187,69 @@ def sbatch_commands(cfg: SubmitConfig, prep: list[str], pretrain: list[str], out
     return commands
 
 
+def _request_keys(cfg: SubmitConfig, job: str) -> list[tuple[str, object, str]]:
+    s, p = cfg.slurm, cfg.slurm.prep
+    if job in PREP_JOBS:
+        return [("cpus per task", p.cpus_per_task, "slurm.prep.cpus_per_task"), ("memory", p.mem, "slurm.prep.mem"),
+                ("time", p.time, "slurm.prep.time")]
+    return [("nodes", s.nodes, "slurm.nodes"), ("tasks per node", s.ntasks_per_node, "slurm.ntasks_per_node"),
+            ("cpus per task", s.cpus_per_task, "slurm.cpus_per_task"), ("GPUs per node", s.gpus_per_node,
+                                                                         "slurm.gpus_per_node"),
+            ("memory", s.mem, "slurm.mem"), ("time", s.time, "slurm.time")]
+
+
+def _largest_node(partition: Optional[str], env: dict) -> Optional[dict]:
+    """CPUs, memory (MB), GPUs and node count of the partition's nodes (sinfo), for the message."""
+    argv = ["sinfo", "-h", "-N", "-o", "%c %m %G"] + ([f"--partition={partition}"] if partition else [])
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    nodes = []
+    for line in filter(None, (line.split() for line in out)):
+        gpus = sum(int(g.split(":")[-1].split("(")[0]) for g in line[2].split(",") if g.startswith("gpu") and
+                   g.split(":")[-1].split("(")[0].isdigit())
+        nodes.append((int(line[0].rstrip("+")), int(line[1].rstrip("+")), gpus))
+    if not nodes:
+        return None
+    return {"cpus": max(n[0] for n in nodes), "mem_mb": max(n[1] for n in nodes), "gpus": max(n[2] for n in nodes),
+            "nodes": len(nodes)}
+
+
+def _keys_to_change(cfg: SubmitConfig, job: str, node: Optional[dict]) -> str:
+    s = cfg.slurm
+    if node is None:
+        return "check " + ", ".join(key for _, _, key in _request_keys(cfg, job))
+    if job in PREP_JOBS:
+        if s.prep.cpus_per_task > node["cpus"]:
+            return f"lower slurm.prep.cpus_per_task={s.prep.cpus_per_task} to at most {node['cpus']}"
+        return "check slurm.prep.mem, slurm.prep.time and slurm.partition"
+    keys = []
+    if s.nodes > node["nodes"]:
+        keys.append(f"slurm.nodes={s.nodes} (the partition has {node['nodes']})")
+    if s.ntasks_per_node * s.cpus_per_task > node["cpus"]:
+        keys.append(f"slurm.ntasks_per_node x slurm.cpus_per_task = {s.ntasks_per_node * s.cpus_per_task} "
+                    f"(a node has {node['cpus']} CPUs)")
+    if s.gpus_per_node > node["gpus"]:
+        keys.append(f"slurm.gpus_per_node={s.gpus_per_node} (a node has {node['gpus']})")
+    return "lower " + "; ".join(keys) if keys else "check slurm.mem, slurm.time and slurm.partition"
+
+
+def check_can_run(cfg: SubmitConfig, commands: list[tuple[str, list[str]]], env: dict) -> None:
+    """Ask SLURM whether each job could ever start (`sbatch --test-only`, which queues nothing)
+    before submitting any: a request no node of the partition meets is refused here, naming the
+    key to change, instead of a job PENDING forever."""
+    for job, argv in commands:
+        test = [a for a in argv if a not in ("--parsable", "--dependency=afterok:{dep}")]
+        proc = subprocess.run([test[0], "--test-only", *test[1:]], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            said = next((line.split("error:", 1)[-1].strip() for line in reversed(proc.stderr.splitlines())
+                         if "error" in line), proc.stderr.strip())
+            where = f"partition {cfg.slurm.partition}" if cfg.slurm.partition else "the default partition"
+            raise SubmitError(f"the {job} job cannot run on {where} ({said}): "
+                              f"{_keys_to_change(cfg, job, _largest_node(cfg.slurm.partition, env))}; nothing was submitted")
+
+
 def submit(cfg: SubmitConfig) -> dict[str, str]:
     """Submit the chain; returns {job: id}. Prints one line per job."""
     prep, pretrain, output_dir, run_dir = route_overrides(list(cfg.overrides))
@@ -194,6 +257,8 @@ def submit(cfg: SubmitConfig) -> dict[str, str]:
     # The jobs run the commands of the environment that submits them (sbatch --export=ALL):
     # put this interpreter's bin dir (xlmr-prep, xlmr-pretrain) first on their PATH.
     env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if not cfg.dry_run:
+        check_can_run(cfg, commands, env)
     ids: dict[str, str] = {}
     dep = None
     for job, argv in commands:

@@ -7,7 +7,7 @@ The README ("Data loading") documents the design and its guarantees.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,7 @@ from pretrain.data import position
 from pretrain.data.dealing import ShardSequence, block_order
 from pretrain.data.manifest import Shard, languages, shard_index, shard_problem, usable_shards, warn_skipped
 from pretrain.data.phases import Mixture, PhaseConfig
-from pretrain.data.shards import ShardError, TokenSpec, read_shard
+from pretrain.data.shards import ShardError, TokenSpec, read_shard, verify_shard
 
 
 @dataclass
@@ -38,6 +38,9 @@ class DataConfig:
     # Per range of steps its own alpha, languages and masking rate (phases.py); empty: one
     # phase of `alpha` over every language.
     phases: List[PhaseConfig] = field(default_factory=list)
+    # A train shard found damaged while training (sha256 or content): fail (a one-line error,
+    # exit 2) | skip (counted, logged, and remembered in checkpoints, so resume stays exact).
+    on_damaged_shard: str = "fail"
 
 
 def _collate(rows: list[tuple[str, np.ndarray]], langs: list[int], spec: TokenSpec) -> dict[str, Any]:
@@ -59,8 +62,11 @@ class TrainStream(IterableDataset):
     generation (position.py) and ``consumed_micro_batches``."""
 
     def __init__(self, data_dir, manifest, cfg: DataConfig, rank: int, plan: dict, consumed_micro_batches: int = 0,
-                 micro_batches_per_step: int = 1):
+                 micro_batches_per_step: int = 1, damaged: Collection[str] = ()):
         self.cfg, self.rank, self.plan = cfg, rank, plan
+        # on_damaged_shard=skip: shards found damaged so far (the manifest's paths, from the
+        # checkpoint) count as empty; ones found now are announced in the batch that met them.
+        self.damaged, self.found_damaged = set(damaged), []
         self.micro_batch_size, self.num_workers = plan["layout"]["micro_batch_size"], plan["layout"]["num_workers"]
         self.consumed = consumed_micro_batches - plan["start"]  # within this generation
         self.spec = TokenSpec.from_manifest(manifest)
@@ -91,6 +97,10 @@ class TrainStream(IterableDataset):
         return lambda position: sequence[position].samples if self._usable_shard(sequence[position]) else 0
 
     def _usable_shard(self, shard: Shard) -> bool:
+        """Not skipped for a wrong size (below), nor as damaged before (data.on_damaged_shard=skip)."""
+        return shard.name not in self.damaged and self._right_size(shard)
+
+    def _right_size(self, shard: Shard) -> bool:
         usable = self._usable.get(shard)
         if usable is None:
             problem = shard_problem(shard)
@@ -127,7 +137,23 @@ class TrainStream(IterableDataset):
             [(cdf, _)] = self.runs(start, worker + k * self.num_workers, 1, self.num_workers)
             draws = position.draw_languages(rng, cdf, self.micro_batch_size)
             rows = [next(streams[i]) for i in draws]
-            yield _collate(rows, [lang_index[i] for i in draws], self.spec)
+            batch = _collate(rows, [lang_index[i] for i in draws], self.spec)
+            batch["damaged_shards"], self.found_damaged = self.found_damaged, []
+            yield batch
+
+    def _intact(self, shard: Shard) -> bool:
+        """data.on_damaged_shard=skip: the shard is checked whole before its first sample is
+        read, so a damaged one is skipped entirely, the same way on every replay (then it is
+        in `damaged`: empty for good). fail: read, and any damage raises ShardError."""
+        if self.cfg.on_damaged_shard != "skip":
+            return True
+        try:
+            verify_shard(shard, self.spec)
+            return True
+        except ShardError as exc:
+            self.damaged.add(shard.name)
+            self.found_damaged.append([shard.name, str(exc)])
+            return False
 
     def _language_stream(self, lang: str, slot: int, consumed: int):
         """This slot's samples of one language, endless, after the first ``consumed``.
@@ -136,13 +162,22 @@ class TrainStream(IterableDataset):
         in a batch at a bounded memory cost."""
         seed, block, sequence, shard_samples = self.cfg.seed, max(1, self.cfg.shuffle_block), self.sequences[lang], self.samples(lang)
         finished, offset = position.progress(position.slot_items(self.plan, lang, slot), shard_samples, consumed)
+        damaged_in_row = 0
         for at, start in itertools.islice(position.slot_items(self.plan, lang, slot), finished, None):
             if not shard_samples(at):  # an unusable shard: skipped
                 offset = 0
                 continue
             shard, offset = sequence[at], start + offset
+            if not self._intact(shard):
+                damaged_in_row += 1
+                if damaged_in_row > len(sequence.shards):
+                    raise ShardError(f"every train shard of {lang!r} in {self.data_dir} is damaged: re-run xlmr-prep")
+                offset = 0
+                continue
+            damaged_in_row = 0
             first_block = offset // block
-            samples = read_shard(shard, range(first_block * block, shard.samples), self.spec)
+            samples = read_shard(shard, range(first_block * block, shard.samples), self.spec,
+                                 verify=self.cfg.on_damaged_shard != "skip")
             for block_no in range(first_block, -(-shard.samples // block)):
                 rows = [next(samples) for _ in range(min(block, shard.samples - block_no * block))]
                 order = block_order(len(rows), seed=seed, lang=lang, position=at, block=block_no) if block > 1 else range(len(rows))
@@ -153,7 +188,7 @@ class TrainStream(IterableDataset):
 
 def build_train_loader(data_dir: str | Path, manifest: dict, cfg: DataConfig, rank: int, world_size: int,
                        micro_batch_size: int, consumed_micro_batches: int = 0, plan: Optional[dict] = None,
-                       micro_batches_per_step: int = 1) -> DataLoader:
+                       micro_batches_per_step: int = 1, damaged: Collection[str] = ()) -> DataLoader:
     """The endless train loader of one rank, positioned after ``consumed_micro_batches``.
 
     Batch i of a generation comes from worker i % num_workers (torch hands batches out
@@ -167,7 +202,7 @@ def build_train_loader(data_dir: str | Path, manifest: dict, cfg: DataConfig, ra
     plan = plan or position.first_plan(run_layout)
     if plan["layout"] != run_layout:
         raise ValueError(f"the data plan is for layout {plan['layout']}, this run has {run_layout}: carry it over first")
-    dataset = TrainStream(data_dir, manifest, cfg, rank, plan, consumed_micro_batches, micro_batches_per_step)
+    dataset = TrainStream(data_dir, manifest, cfg, rank, plan, consumed_micro_batches, micro_batches_per_step, damaged)
     workers = cfg.num_workers
     return DataLoader(
         dataset, batch_size=None, num_workers=workers, pin_memory=cfg.pin_memory and torch.cuda.is_available(),
@@ -177,7 +212,7 @@ def build_train_loader(data_dir: str | Path, manifest: dict, cfg: DataConfig, ra
 
 def carry_over_plan(data_dir: str | Path, manifest: dict, cfg: DataConfig, plan: Optional[dict],
                     consumed_micro_batches: int, world_size: int, micro_batch_size: int,
-                    micro_batches_per_step: int = 1) -> dict:
+                    micro_batches_per_step: int = 1, damaged: Collection[str] = ()) -> dict:
     """The plan this run reads with: the first generation's for a new run (``plan`` None),
     ``plan`` itself if this run has its layout, else the next generation's plan: the unread
     rest of every language dealt over this run's slots (position.carry_over)."""
@@ -186,7 +221,7 @@ def carry_over_plan(data_dir: str | Path, manifest: dict, cfg: DataConfig, plan:
         return position.first_plan(run_layout)
     if plan["layout"] == run_layout:
         return plan
-    stream = TrainStream(data_dir, manifest, cfg, 0, plan, consumed_micro_batches, micro_batches_per_step)
+    stream = TrainStream(data_dir, manifest, cfg, 0, plan, consumed_micro_batches, micro_batches_per_step, damaged)
     sizes = {lang: stream.samples(lang) for lang in stream.sequences}
     return position.carry_over(plan, consumed_micro_batches, run_layout, cfg.seed, stream.runs, stream.mixed, sizes)
 

@@ -29,6 +29,7 @@ class Shard:
     split: str
     samples: int
     bytes: int
+    sha256: str | None = None  # of the whole file, as xlmr-prep wrote it
 
     @property
     def path(self) -> Path:
@@ -49,7 +50,14 @@ def load_manifest(data_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         state = "is empty" if not any(data_dir.iterdir()) else "has no manifest.json (the prep writes it last, so it did not finish)"
         raise FileNotFoundError(f"data dir {data_dir} {state}: run xlmr-prep first")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is damaged ({exc}): restore it from a copy, or rebuild it with "
+                         f"xlmr-prep output_dir={data_dir} force=manifest") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} is not a manifest (a JSON object): rebuild it with "
+                         f"xlmr-prep output_dir={data_dir} force=manifest")
     found = (manifest.get("format"), manifest.get("format_version"))
     if found != (FORMAT, FORMAT_VERSION):
         raise ValueError(
@@ -86,7 +94,7 @@ def shard_index(data_dir: str | Path, manifest: dict[str, Any]) -> dict[tuple[st
     for s in manifest["shards"]:
         if s["samples"] > 0:
             index.setdefault((s["lang"], s["split"]), []).append(
-                Shard(root, s["path"], s["lang"], s["split"], int(s["samples"]), int(s["bytes"])))
+                Shard(root, s["path"], s["lang"], s["split"], int(s["samples"]), int(s["bytes"]), s.get("sha256")))
     return index
 
 

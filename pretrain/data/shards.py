@@ -4,6 +4,7 @@ this module picks the wanted samples and checks each against the manifest.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -34,13 +35,36 @@ class TokenSpec:
         return cls(int(manifest["seq_len"]), np.dtype(manifest["dtype"]), int(vocab["size"]), ids["bos"], ids["pad"])
 
 
-def read_shard(shard: Shard, wanted: range, spec: TokenSpec) -> Iterator[tuple[str, np.ndarray]]:
+def verify_shard(shard: Shard, spec: TokenSpec) -> None:
+    """Raise ShardError unless the shard's bytes are the ones xlmr-prep wrote: its sha256
+    against the manifest's (bit rot keeps the size), or, for a manifest without one, every
+    sample read and checked. One sequential read; the page cache serves the reading after it."""
+    if shard.sha256 is None:
+        for _ in read_shard(shard, range(shard.samples), spec, verify=False):
+            pass
+        return
+    digest = hashlib.sha256()
+    try:
+        with open(shard.path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    except OSError as exc:
+        raise ShardError(f"{shard.path}: unreadable before sample 0: {exc.strerror}") from None
+    if digest.hexdigest() != shard.sha256:
+        raise ShardError(f"{shard.path}: damaged before sample 0 (its sha256 {digest.hexdigest()[:12]}… is not the "
+                         f"manifest's {shard.sha256[:12]}…)")
+
+
+def read_shard(shard: Shard, wanted: range, spec: TokenSpec, verify: bool = True) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (key, tokens) for the samples of ``shard`` whose position is in ``wanted``
     (ascending), in order. Samples before and between are skipped without decoding; reading
-    stops after the last wanted one. Raises ShardError, naming the shard, on any damage.
+    stops after the last wanted one. Raises ShardError, naming the shard, on any damage; with
+    ``verify`` the whole file is checked (verify_shard) before the first sample is yielded.
     """
     if len(wanted) == 0:
         return
+    if verify:
+        verify_shard(shard, spec)
     last = wanted[-1]
     samples = wds.tarfile_samples([{"url": str(shard.path)}])
     index = -1

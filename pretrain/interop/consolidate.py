@@ -37,6 +37,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -44,7 +45,9 @@ from typing import Optional, Union
 import torch
 
 from data_prep.state import sha256_file
-from pretrain.checkpoint import CHECKPOINTS, MARKER, PARTIAL, VOCAB_FILE, complete_checkpoints, read_meta, tag_for
+from pretrain.checkpoint import (
+    CHECKPOINTS, MARKER, PARTIAL, VOCAB_FILE, complete_checkpoints, damage, read_meta, tag_for,
+)
 from pretrain.config import PretrainError
 from pretrain.interop.hf_convert import from_hf_state_dict, model_config_from_hf
 from pretrain.model import XLMR, ModelConfig
@@ -78,20 +81,32 @@ def resolve_tag(path: Union[str, Path], step: Optional[int] = None) -> Path:
         if step is not None and path.name != tag_for(step):
             raise PretrainError(f"{path} is the checkpoint {path.name}, not step {step}: give its run dir to pick a step")
         _check_complete(path)
-        return path
+        return _undamaged(path)
     ckpt_dir = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
     found = complete_checkpoints(ckpt_dir)
     if step is None:
-        if not found:
-            raise PretrainError(f"no complete checkpoint in {ckpt_dir} (a checkpoint is a step_* dir holding {MARKER})")
-        return found[-1]
+        for tag in reversed(found):
+            why = damage(tag)
+            if why is None:
+                return tag
+            print(f"skipping damaged checkpoint {tag}: {why}", file=sys.stderr)
+        if found:
+            raise PretrainError(f"every checkpoint in {ckpt_dir} is damaged (the newest: {damage(found[-1])})")
+        raise PretrainError(f"no complete checkpoint in {ckpt_dir} (a checkpoint is a step_* dir holding {MARKER})")
     tag = ckpt_dir / tag_for(step)
     if tag in found:
-        return tag
+        return _undamaged(tag)
     if tag.is_dir() or tag.with_name(tag.name + PARTIAL).is_dir():
         _check_complete(tag)
     available = ", ".join(str(read_meta(t).get("step", t.name)) for t in found) or "none"
     raise PretrainError(f"no checkpoint of step {step} in {ckpt_dir}; complete checkpoints: steps {available}")
+
+
+def _undamaged(tag: Path) -> Path:
+    why = damage(tag)
+    if why is not None:
+        raise PretrainError(f"the checkpoint {tag} is damaged: {why}; use another step")
+    return tag
 
 
 def _check_complete(tag: Path) -> None:
@@ -230,8 +245,18 @@ def _vocabulary(tag: Path, meta: dict) -> Path:
     return spm_model
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PretrainError(f"{path} is damaged (not JSON: {exc}): export or download the model again") from None
+    if not isinstance(value, dict):
+        raise PretrainError(f"{path} is damaged (not a JSON object): export or download the model again")
+    return value
+
+
 def _load_hf(path: Path) -> LoadedModel:
-    config = json.loads((path / HF_CONFIG).read_text(encoding="utf-8"))
+    config = _read_json(path / HF_CONFIG)
     try:
         cfg = model_config_from_hf(config)
     except ValueError as exc:
@@ -253,12 +278,17 @@ def _load_hf(path: Path) -> LoadedModel:
     weights = next((path / name for name in HF_WEIGHTS if (path / name).is_file()), None)
     if weights is None:
         raise PretrainError(f"{path} has no {' or '.join(HF_WEIGHTS)}")
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        hf_state = load_file(weights)
-    else:
-        hf_state = torch.load(weights, map_location="cpu", mmap=True, weights_only=True)
+            hf_state = load_file(weights)
+        else:
+            hf_state = torch.load(weights, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # noqa: BLE001: safetensors' and torch's errors for a cut or foreign file
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise PretrainError(f"{weights} is damaged or not a weights file ({first[:200]}): export or download the "
+                            "model again") from None
     try:
         state = from_hf_state_dict(hf_state)
     except KeyError as exc:
@@ -266,7 +296,7 @@ def _load_hf(path: Path) -> LoadedModel:
     del hf_state  # the q/k/v parts were copied into our fused qkv; everything else is shared
     model = _build(cfg, state, weights)
     provenance = path / PROVENANCE  # our own export knows its step and data
-    info = json.loads(provenance.read_text(encoding="utf-8")) if provenance.is_file() else {}
+    info = _read_json(provenance) if provenance.is_file() else {}
     return LoadedModel(model, cfg, spm_model, info.get("step"), info.get("data_dir"), f"Hugging Face model {path}")
 
 

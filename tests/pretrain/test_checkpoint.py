@@ -83,7 +83,7 @@ def test_fingerprint_and_compatibility(tmp_path):
     tag = tmp_path / "step_00000001"
     tag.mkdir()
     model = {"hidden_size": 64, "vocab_size": 10, "dropout": 0.1}
-    (tag / "checkpoint.json").write_text(json.dumps({**fp, "model": model}))
+    (tag / "checkpoint.json").write_text(json.dumps({**fp, "step": 1, "model": model}))
     checkpoint.check_compatible(tag, fp, {**model, "dropout": 0.0})  # dropout may change
     with pytest.raises(PretrainError, match="vocabulary"):
         checkpoint.check_compatible(tag, {**fp, "vocab_sha256": "other"}, model)
@@ -105,3 +105,35 @@ def test_which_resumes_go_through_a_universal_checkpoint():
                               ((2, 3), (1, 2), "use deepspeed.zero_stage=3")):
         with pytest.raises(PretrainError, match=message):
             checkpoint.needs_universal(meta(*old), *new)
+
+
+def test_resume_skips_damaged_tags_and_refuses_a_damaged_path(tmp_path):
+    for step in (1, 2, 3, 4):
+        _save(FakeEngine(), tmp_path, step, keep_last=4)
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "step_00000004" / "checkpoint.json").write_text('{"step": 4, "vocab_sha')  # cut mid-write
+    weights = ckpts / "step_00000003" / "mp_rank_00_model_states.pt"
+    weights.write_bytes(weights.read_bytes()[:-1])  # a copy cut short by one byte
+    said = []
+    assert checkpoint.find_resume_checkpoint(tmp_path, "auto", said.append) == ckpts / "step_00000002"
+    assert len(said) == 2 and "step_00000004" in said[0] and "checkpoint.json is damaged" in said[0]
+    assert "step_00000003" in said[1] and "mp_rank_00_model_states.pt has" in said[1]
+    for tag in ("step_00000004", "step_00000003"):
+        with pytest.raises(PretrainError, match=f"{tag} is damaged") as info:
+            checkpoint.find_resume_checkpoint(tmp_path / "other", str(ckpts / tag))
+        assert "\n" not in str(info.value)
+    with pytest.raises(PretrainError, match="checkpoint.json is damaged"):
+        checkpoint.read_meta(ckpts / "step_00000004")
+    # xlmr-export and xlmr-eval pick their checkpoint the same way.
+    from pretrain.interop.consolidate import resolve_tag
+
+    assert resolve_tag(tmp_path) == ckpts / "step_00000002"
+    with pytest.raises(PretrainError, match="step_00000003 is damaged: mp_rank_00_model_states.pt has"):
+        resolve_tag(tmp_path, 3)
+    # Every tag damaged: no silent fresh start over the run; each is reported, then one line.
+    (ckpts / "step_00000002" / "checkpoint.json").write_text("[]")
+    (ckpts / "step_00000001" / "mp_rank_00_model_states.pt").unlink()
+    said.clear()
+    with pytest.raises(PretrainError, match="every checkpoint in .* is damaged"):
+        checkpoint.find_resume_checkpoint(tmp_path, "auto", said.append)
+    assert len(said) == 4 and "mp_rank_00_model_states.pt is missing" in said[3]

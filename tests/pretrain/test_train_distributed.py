@@ -43,7 +43,7 @@ from tests.pretrain.test_train_distributed import GLOBAL_BATCH, content_mask, fi
 GAS = int(next(a for a in sys.argv if a.startswith("deepspeed.gradient_accumulation_steps=")).split("=")[1])
 
 def fixed_loader(data_dir, manifest, cfg, rank, world_size, micro_batch_size, consumed_micro_batches=0, plan=None,
-                 micro_batches_per_step=1):
+                 micro_batches_per_step=1, damaged=()):
     assert world_size * GAS * micro_batch_size == GLOBAL_BATCH
     def stream(consumed):
         while True:
