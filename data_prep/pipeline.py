@@ -20,7 +20,8 @@ from .config import STAGES, PrepConfig
 from .dedup import run_dedup
 from .encode import run_encode
 from .errors import PrepError
-from .inputs import discover
+from .inputs import UNLABELLED, discover
+from .lid import LID_ACTIONS, LID_UNITS
 from .manifest import build_manifest, dropped_records
 from .report import write_report
 from .state import Layout, apply_force
@@ -45,6 +46,13 @@ def check_config(cfg: PrepConfig) -> None:
                         "the spacing of the points encode chunks are cut at: raise pack.chunk_mb or lower clean.index_every_mb")
     if unknown := set(cfg.stages) - set(STAGES):
         raise PrepError(f"unknown stage(s) {sorted(unknown)} in stages=; stages are {', '.join(STAGES)}")
+    lid = cfg.clean.lid
+    if not 0 <= lid.threshold <= 1:
+        raise PrepError(f"clean.lid.threshold must be in [0, 1], got {lid.threshold}")
+    if lid.action not in LID_ACTIONS:
+        raise PrepError(f"clean.lid.action must be one of {', '.join(LID_ACTIONS)}, got {lid.action!r}")
+    if lid.unit not in LID_UNITS:
+        raise PrepError(f"clean.lid.unit must be one of {', '.join(LID_UNITS)}, got {lid.unit!r}")
     if not 0 <= cfg.task.index < cfg.task.count:
         raise PrepError(f"task.index must be in [0, task.count), got {cfg.task.index} of {cfg.task.count}")
 
@@ -56,8 +64,11 @@ def split_excluded(clean_stats: Dict[str, Dict]):
         if st["lines"] > 0:
             kept[lang] = st
             continue
-        reason = "empty input" if st["input_lines"] == 0 else "nothing left after filtering"
-        excluded[lang] = {"reason": reason, "input_lines": st["input_lines"], "removed": st["removed"]}
+        if lang == UNLABELLED:
+            reason = "unlabelled input: each document filed under the language LID detected, or dropped"
+        else:
+            reason = "empty input" if st["input_lines"] == 0 else "nothing left after filtering"
+        excluded[lang] = {"reason": reason, "input_lines": st["input_lines"], "removed": st["removed"], "lid": st["lid"]}
         log.warning("language %s excluded: %s (input lines %d, removed %s)", lang, reason, st["input_lines"],
                     {k: v for k, v in st["removed"].items() if v})
     if not kept:
@@ -82,7 +93,7 @@ def run_prep(cfg: PrepConfig) -> Dict:
     apply_force(layout, cfg.force)
     workers = parallel.resolve_workers(cfg.workers)
 
-    inventory = discover(Path(cfg.input_dir).resolve())
+    inventory = discover(Path(cfg.input_dir).resolve(), unlabelled=cfg.clean.lid.route_unlabelled)
     for skipped in inventory.skipped:
         log.warning("skipped %s", skipped)
     log.info("input: %d language files, %d record files; output: %s; %d workers",
@@ -122,5 +133,8 @@ def run_prep(cfg: PrepConfig) -> Dict:
     valid = sum(lang["valid"]["tokens"] for lang in manifest["languages"].values())
     print(f"\n{len(manifest['languages'])} languages, {len(manifest['shards'])} shards, {train:,} train and "
           f"{valid:,} validation tokens, vocabulary {vocab['size']:,} (sha256 {vocab['sha256'][:12]})")
-    print(f"manifest: {layout.manifest}\nreport:   {layout.report}/report.md, {layout.report}/languages.png")
+    if unjudged := manifest["lid"]["unjudged_languages"]:
+        print(f"language identification cannot judge {', '.join(unjudged)}: kept unfiltered")
+    plots = "languages.png" + (", lid_confidence.png" if manifest["lid"]["enabled"] else "")
+    print(f"manifest: {layout.manifest}\nreport:   {layout.report}/report.md, {layout.report}/{{{plots}}}")
     return manifest

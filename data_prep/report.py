@@ -1,7 +1,8 @@
 """Stage 5, report: what happened to every language, as a table and a plot.
 
-report/report.md (the printed table), report/report.json and report/languages.png (each
-language's share before and after temperature sampling) are rebuilt from the manifest on
+report/report.md (the printed table), report/report.json, report/languages.png (each
+language's share before and after temperature sampling) and report/lid_confidence.png (each
+language's lid.176 confidence distribution, kept vs dropped) are rebuilt from the manifest on
 every run; they are cheap.
 """
 from __future__ import annotations
@@ -64,6 +65,39 @@ def plot_languages(manifest: Dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_lid_confidence(manifest: Dict, path: Path) -> None:
+    """One small panel per judged language: documents by lid.176 confidence, kept vs dropped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    records = {**manifest["languages"], **manifest["excluded_languages"]}
+    langs = [lang for lang in sorted(records) if records[lang].get("lid", {}).get("judged")]
+    if not langs:
+        return
+    cols = min(6, len(langs))
+    rows = -(-len(langs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 1.9 * rows), squeeze=False, sharex=True)
+    for ax, lang in zip(axes.flat, langs):
+        hist = records[lang]["lid"]["confidence_hist"]
+        edges = np.linspace(0, 1, len(hist["kept"]) + 1)
+        ax.stairs(hist["kept"], edges, fill=True, alpha=0.6, label="kept")
+        ax.stairs(hist["dropped"], edges, fill=True, alpha=0.6, color="tab:red", label="dropped")
+        ax.axvline(manifest["lid"]["threshold"], color="k", lw=0.8, ls="--")
+        ax.set_title(lang, fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(langs):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"lid.176 confidence per {manifest['lid']['unit']} (threshold dashed)", fontsize=10)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
 def write_report(manifest: Dict, out_dir: Path) -> str:
     rows = report_rows(manifest)
     table = format_table(rows)
@@ -75,6 +109,9 @@ def write_report(manifest: Dict, out_dir: Path) -> str:
     with atomic_open(out_dir / "report.md", "w", encoding="utf-8") as f:
         f.write(table + "\n")
     write_json(out_dir / "report.json", {"columns": COLUMNS, "rows": rows,
-                                         "skipped_files": manifest["skipped_files"], "dropped_records": dropped})
+                                         "skipped_files": manifest["skipped_files"], "dropped_records": dropped,
+                                         "lid_unjudged_languages": manifest["lid"]["unjudged_languages"]})
     plot_languages(manifest, out_dir / "languages.png")
+    if manifest["lid"]["enabled"]:
+        plot_lid_confidence(manifest, out_dir / "lid_confidence.png")
     return table

@@ -10,6 +10,10 @@ the wall time and the peak RSS of every process of the stage's process tree (VmH
 throughput per busy process (a pool's workers, or the one process that ran the stage): MB of input text for the stages before encode (clean, and
 dedup where the prep has it), MB of cleaned text from encode on.
 
+Language identification's cost: the clean stage also runs once more with
+clean.lid.enabled=false on the same text (stage "clean-no-lid"), so each run compares clean's
+throughput per process with and without LID.
+
 Generated lines are unique by construction, also after the clean stage's dedup normalization
 (lowercase, digits as 0): each line starts with its own number written in base W with three
 words of the W-word list (lowercase letters only, distinct), then 4-24 random words.
@@ -38,6 +42,7 @@ from .config import STAGES
 
 REPO = Path(__file__).resolve().parent.parent
 CLEANING = [s for s in STAGES[: STAGES.index("encode")] if s != "vocab"]  # clean (and dedup, where there is one)
+NO_LID = "clean-no-lid"  # the clean stage again with language identification off: what LID costs
 INDEX_WORDS = 3  # words that spell a line's number: W^3 lines (W ~ 10^4: 10^12) before any repeat
 
 
@@ -146,12 +151,14 @@ def bench_corpus(name: str, input_dir: Path, input_mb: float, workers: int, cfg:
         subprocess.run(["rm", "-rf", str(out)], check=True)
     out.mkdir(parents=True)
     rows = []
-    for stage in STAGES:
-        argv = [sys.executable, "-m", "data_prep.cli", f"input_dir={input_dir}", f"output_dir={out}",
-                f"stages=[{stage}]", f"workers={workers}", "progress=false", *cfg.prep]
+    runs = [(NO_LID, out.with_name(out.name + "-no-lid"), ["stages=[clean]", "clean.lid.enabled=false"])]
+    runs += [(stage, out, [f"stages=[{stage}]"]) for stage in STAGES]
+    for stage, output_dir, args in runs:
+        argv = [sys.executable, "-m", "data_prep.cli", f"input_dir={input_dir}", f"output_dir={output_dir}",
+                f"workers={workers}", "progress=false", *cfg.prep, *args]
         row = {"corpus": name, "input_mb": round(input_mb, 1), "workers": workers, "stage": stage,
                **run_measured(argv, cfg.poll_s, out.parent / f"{name}-w{workers}.log")}
-        text_mb = input_mb if stage in CLEANING else sum(p.stat().st_size for p in (out / "clean").glob("*/*.txt")) / 1e6
+        text_mb = input_mb if stage in CLEANING + [NO_LID] else sum(p.stat().st_size for p in (out / "clean").glob("*/*.txt")) / 1e6
         # The processes that did the work: a pool's workers (the parent waits; a stage may run
         # pools one after the other, each of at most `workers`), or the one process (one language
         # cleans in one process today, whatever `workers`).
@@ -160,6 +167,7 @@ def bench_corpus(name: str, input_dir: Path, input_mb: float, workers: int, cfg:
         rows.append(row)
         print(f"{name:>14} {workers} proc {stage:>9} {row['seconds']:8.1f} s  peak RSS {row['peak_rss_mb']:7.1f} MB"
               f" ({row['processes']} processes)  {row['mb_per_s_per_process']:6.2f} MB/s/proc", flush=True)
+    subprocess.run(["rm", "-rf", str(out.with_name(out.name + "-no-lid"))], check=True)
     if not cfg.keep_outputs:
         subprocess.run(["rm", "-rf", str(out)], check=True)
     return rows
@@ -178,10 +186,12 @@ def summarize(rows: List[Dict]) -> List[Dict]:
         input_mb = rs[0]["input_mb"]
         encode = by["encode"]
         clean_rate = input_mb / clean_s
-        out.append({"corpus": corpus, "workers": workers, "total_s": round(sum(r["seconds"] for r in rs), 1),
+        out.append({"corpus": corpus, "workers": workers, "total_s": round(sum(r["seconds"] for r in rs if r["stage"] != NO_LID), 1),
                     "clean_dedup_mb_per_s_per_process": round(clean_rate, 2),
                     "encode_mb_per_s_per_process": encode["mb_per_s_per_process"],
                     "clean_vs_encode": round(clean_rate / encode["mb_per_s_per_process"], 2),
+                    "clean_mb_per_s_per_process": by["clean"]["mb_per_s_per_process"],
+                    "clean_no_lid_mb_per_s_per_process": by[NO_LID]["mb_per_s_per_process"],
                     "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)})
     return out
 
@@ -213,7 +223,8 @@ def run_scale_bench(cfg: ScaleBenchConfig) -> Dict:
     for s in result["summary"]:
         print(f"{s['corpus']:>14} {s['workers']} proc: total {s['total_s']:7.1f} s, clean+dedup "
               f"{s['clean_dedup_mb_per_s_per_process']:.2f} vs encode {s['encode_mb_per_s_per_process']:.2f} MB/s/proc "
-              f"({s['clean_vs_encode']:.2f}x), peak RSS {s['peak_rss_mb']:.0f} MB")
+              f"({s['clean_vs_encode']:.2f}x), clean {s['clean_mb_per_s_per_process']:.2f} with LID vs "
+              f"{s['clean_no_lid_mb_per_s_per_process']:.2f} without, peak RSS {s['peak_rss_mb']:.0f} MB")
     return result
 
 

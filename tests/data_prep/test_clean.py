@@ -37,7 +37,8 @@ def test_line_filters_are_counted():
     ]
     kept = [t for t in map(cleaner, lines) if t is not None]
     assert kept == ["Hello world", "hello WORLD", "Hello world", "Zweite Zeile"]  # duplicates: the dedup stage
-    assert cleaner.counts == {"too_long": 2, "invalid_utf8": 1, "binary": 2, "too_short": 1, "duplicate": 0, "empty_docs": 0}
+    assert cleaner.counts == {"too_long": 2, "invalid_utf8": 1, "binary": 2, "too_short": 1, "low_confidence": 0,
+                              "wrong_language": 0, "duplicate": 0, "empty_docs": 0}
 
 
 def test_read_bounded_lines_skips_a_huge_line_without_holding_it():

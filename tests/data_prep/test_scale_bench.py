@@ -39,7 +39,7 @@ def test_scale_bench_runs_every_stage_and_measures_it(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
-    assert [r["stage"] for r in result["rows"]] == list(STAGES)
+    assert [r["stage"] for r in result["rows"]] == ["clean-no-lid", *STAGES]
     for row in result["rows"]:
         assert row["corpus"] == "gen-0.002GB" and row["workers"] == 2
         assert row["seconds"] > 0 and row["peak_rss_mb"] > 10 and row["processes"] >= 1
@@ -47,5 +47,7 @@ def test_scale_bench_runs_every_stage_and_measures_it(tmp_path):
     assert encode["processes"] >= 3  # the prep and its two encode workers (several chunks)
     [summary] = result["summary"]
     assert summary["clean_dedup_mb_per_s_per_process"] > 0 and summary["encode_mb_per_s_per_process"] > 0
+    assert summary["clean_mb_per_s_per_process"] > 0 and summary["clean_no_lid_mb_per_s_per_process"] > 0
     assert not (tmp_path / "runs" / "gen-0.002GB-w2").exists()  # outputs removed, corpus kept
+    assert not (tmp_path / "runs" / "gen-0.002GB-w2-no-lid").exists()
     assert Path(tmp_path / "corpora" / "gen-0.002GB" / "en.txt").stat().st_size >= 2_000_000
