@@ -37,14 +37,14 @@ def start(data_dir: Path, run_dir: Path, *overrides: str, env: dict | None = Non
                             stdout=subprocess.PIPE, stderr=open(log, "w"), start_new_session=True)
 
 
-def wait_for(condition, what: str, timeout: float = 600):
+def wait_for(condition, what: str, timeout: float = 600, every: float = 0.05):
     """Poll an event (not a duration): the outcome never depends on how long it took."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
-        time.sleep(0.05)
+        time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -304,9 +304,14 @@ def test_second_trainer_is_refused_and_a_requeued_instance_takes_over(prepared_d
 # ---- kill -9 during a save, then a damaged checkpoint.json --------------------------------
 
 
+STEPS = 30
+
+
 @pytest.mark.slow
 def test_kill_during_save_and_damaged_marker_resume_from_the_previous_checkpoint(prepared_data, tmp_path):
-    common = ("trainer.max_steps=8", "trainer.save_every=1", "trainer.keep_last=10")
+    # A save of the tiny model takes tens of ms: 30 of them, polled every 2 ms, give the test
+    # many saves to catch in flight (a faster machine once finished 8 steps between polls).
+    common = (f"trainer.max_steps={STEPS}", "trainer.save_every=1", f"trainer.keep_last={STEPS}")
     straight = start(prepared_data, tmp_path / "straight", *common, log=tmp_path / "straight.err")
     run = tmp_path / "run"
     killed = start(prepared_data, run, *common, log=tmp_path / "killed.err")
@@ -315,7 +320,7 @@ def test_kill_during_save_and_damaged_marker_resume_from_the_previous_checkpoint
         wait_for(lambda: (ckpts / "step_00000002" / "checkpoint.json").is_file(), "two complete checkpoints")
         while True:  # stop the trainer with a save in flight, then kill it there
             partial = wait_for(lambda: [p for p in ckpts.glob("*.partial")] or killed.poll() is not None,
-                               "a save in flight")
+                               "a save in flight", every=0.002)
             assert killed.poll() is None, "the run ended before a save could be caught"
             os.killpg(killed.pid, signal.SIGSTOP)
             if all(p.exists() for p in partial):
@@ -341,8 +346,8 @@ def test_kill_during_save_and_damaged_marker_resume_from_the_previous_checkpoint
     step = int(previous.name.split("_")[1])
     assert f"resuming from step {step}" in proc.stdout
     resumed, reference = records(run), records(tmp_path / "straight")
-    assert sorted(resumed) == list(range(1, 9))
-    assert {s: resumed[s] for s in range(step + 1, 9)} == {s: reference[s] for s in range(step + 1, 9)}
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    assert {s: resumed[s] for s in range(step + 1, STEPS + 1)} == {s: reference[s] for s in range(step + 1, STEPS + 1)}
     assert records(run, "grad_norm") == records(tmp_path / "straight", "grad_norm")
 
 
