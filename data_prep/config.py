@@ -37,7 +37,9 @@ class CleanConfig:
 
 @dataclass
 class DedupConfig:
-    memory_mb: float = 1024.0  # per process: a language's line keys are split into buckets that fit
+    # Per process: a language's line keys are split into buckets that fit. Small, so that from
+    # ~1 GB of a language up every bucket is near the budget and dedup's memory stays flat.
+    memory_mb: float = 64.0
 
 
 @dataclass

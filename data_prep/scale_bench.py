@@ -12,7 +12,7 @@ dedup where the prep has it), MB of cleaned text from encode on.
 
 Language identification's cost: the clean stage also runs once more with
 clean.lid.enabled=false on the same text (stage "clean-no-lid"), so each run compares clean's
-throughput per process with and without LID.
+throughput per process with and without LID (not when `prep` already turns LID off).
 
 Generated lines are unique by construction, also after the clean stage's dedup normalization
 (lowercase, digits as 0): each line starts with its own number written in base W with three
@@ -151,7 +151,8 @@ def bench_corpus(name: str, input_dir: Path, input_mb: float, workers: int, cfg:
         subprocess.run(["rm", "-rf", str(out)], check=True)
     out.mkdir(parents=True)
     rows = []
-    runs = [(NO_LID, out.with_name(out.name + "-no-lid"), ["stages=[clean]", "clean.lid.enabled=false"])]
+    lid_off = "clean.lid.enabled=false" in cfg.prep
+    runs = [] if lid_off else [(NO_LID, out.with_name(out.name + "-no-lid"), ["stages=[clean]", "clean.lid.enabled=false"])]
     runs += [(stage, out, [f"stages=[{stage}]"]) for stage in STAGES]
     for stage, output_dir, args in runs:
         argv = [sys.executable, "-m", "data_prep.cli", f"input_dir={input_dir}", f"output_dir={output_dir}",
@@ -186,13 +187,36 @@ def summarize(rows: List[Dict]) -> List[Dict]:
         input_mb = rs[0]["input_mb"]
         encode = by["encode"]
         clean_rate = input_mb / clean_s
-        out.append({"corpus": corpus, "workers": workers, "total_s": round(sum(r["seconds"] for r in rs if r["stage"] != NO_LID), 1),
+        out.append({"corpus": corpus, "workers": workers, "input_mb": input_mb, "total_s": round(sum(r["seconds"] for r in rs if r["stage"] != NO_LID), 1),
                     "clean_dedup_mb_per_s_per_process": round(clean_rate, 2),
                     "encode_mb_per_s_per_process": encode["mb_per_s_per_process"],
                     "clean_vs_encode": round(clean_rate / encode["mb_per_s_per_process"], 2),
                     "clean_mb_per_s_per_process": by["clean"]["mb_per_s_per_process"],
-                    "clean_no_lid_mb_per_s_per_process": by[NO_LID]["mb_per_s_per_process"],
+                    "clean_no_lid_mb_per_s_per_process": by.get(NO_LID, by["clean"])["mb_per_s_per_process"],
                     "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)})
+    return out
+
+
+def growth(rows: List[Dict], summary: List[Dict]) -> List[Dict]:
+    """Per process count, over the generated corpora from the smallest to the largest (issue
+    targets: peak RSS per process of each stage grows by at most 20 %, total time per GB within
+    20 %): each stage's peak RSS at every size and its ratio largest/smallest, total s/GB."""
+    out = []
+    for workers in sorted({r["workers"] for r in rows}):
+        sizes = sorted({r["input_mb"] for r in rows if r["workers"] == workers and r["corpus"].startswith("gen-")})
+        if len(sizes) < 2:
+            continue
+        rss = {}
+        for r in rows:
+            if r["workers"] == workers and r["input_mb"] in sizes and r["corpus"].startswith("gen-"):
+                rss.setdefault(r["stage"], {})[r["input_mb"]] = r["peak_rss_mb"]
+        per_gb = {s["corpus"]: round(s["total_s"] / s["input_mb"] * 1000, 1)
+                  for s in summary if s["workers"] == workers and s["corpus"].startswith("gen-")}
+        out.append({"workers": workers, "sizes_mb": sizes,
+                    "peak_rss_mb": {stage: [by[mb] for mb in sizes] for stage, by in rss.items()},
+                    "peak_rss_growth": {stage: round(by[sizes[-1]] / by[sizes[0]], 2) for stage, by in rss.items()},
+                    "total_s_per_gb": per_gb,
+                    "total_s_per_gb_spread": round(max(per_gb.values()) / min(per_gb.values()), 2)})
     return out
 
 
@@ -217,7 +241,9 @@ def run_scale_bench(cfg: ScaleBenchConfig) -> Dict:
     for name, path, mb in corpora:
         for workers in cfg.workers:
             rows += bench_corpus(name, path, mb, workers, cfg)
-            result = {"words": len(words), "stages": list(STAGES), "rows": rows, "summary": summarize(rows)}
+            summary = summarize(rows)
+            result = {"words": len(words), "stages": list(STAGES), "rows": rows, "summary": summary,
+                      "growth": growth(rows, summary)}
             if cfg.output:  # after every run: a long benchmark stopped early keeps what it measured
                 Path(cfg.output).write_text(json.dumps(result, indent=1) + "\n")
     for s in result["summary"]:
@@ -225,6 +251,10 @@ def run_scale_bench(cfg: ScaleBenchConfig) -> Dict:
               f"{s['clean_dedup_mb_per_s_per_process']:.2f} vs encode {s['encode_mb_per_s_per_process']:.2f} MB/s/proc "
               f"({s['clean_vs_encode']:.2f}x), clean {s['clean_mb_per_s_per_process']:.2f} with LID vs "
               f"{s['clean_no_lid_mb_per_s_per_process']:.2f} without, peak RSS {s['peak_rss_mb']:.0f} MB")
+    for g in result["growth"]:
+        print(f"{g['workers']} proc, {g['sizes_mb'][0]:g} -> {g['sizes_mb'][-1]:g} MB: peak RSS x "
+              + ", ".join(f"{stage} {ratio:.2f}" for stage, ratio in g["peak_rss_growth"].items())
+              + f"; total s/GB spread {g['total_s_per_gb_spread']:.2f}")
     return result
 
 
