@@ -16,18 +16,39 @@ from tqdm import tqdm
 tqdm.monitor_interval = 0  # no monitor thread: the pool forks
 
 _counter = None  # set in each worker (and in-process) by _init
+_pending = 0  # this process's progress not yet added to _counter
+# Jobs report per line; taking the shared counter's lock that often made the workers queue on
+# it (two processes deduplicated no faster than one), so progress is added in batches.
+FLUSH_EVERY = 1 << 22
 
 
 def _init(counter) -> None:
-    global _counter
-    _counter = counter
+    global _counter, _pending
+    _counter, _pending = counter, 0
 
 
 def advance(n: int) -> None:
-    """Called by jobs as they make progress."""
+    """Called by jobs as they make progress (cheap: a lock once per FLUSH_EVERY)."""
+    global _pending
     if _counter is not None:
+        _pending += n
+        if _pending >= FLUSH_EVERY:
+            _flush()
+
+
+def _flush() -> None:
+    global _pending
+    if _counter is not None and _pending:
         with _counter.get_lock():
-            _counter.value += n
+            _counter.value += _pending
+    _pending = 0
+
+
+def _run(fn: Callable, job):
+    try:
+        return fn(job)
+    finally:
+        _flush()
 
 
 def resolve_workers(workers: int) -> int:
@@ -59,12 +80,12 @@ def iter_jobs(
         if workers <= 1 or len(jobs) <= 1:
             _init(counter)
             for job in jobs:
-                result = fn(job)
+                result = _run(fn, job)
                 bar.update(counter.value - bar.n)
                 yield result
             return
         with ctx.Pool(min(workers, len(jobs)), initializer=_init, initargs=(counter,)) as pool:
-            pending = [pool.apply_async(fn, (job,)) for job in jobs]
+            pending = [pool.apply_async(_run, (fn, job)) for job in jobs]
             while pending:
                 still = []
                 for p in pending:

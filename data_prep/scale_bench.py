@@ -161,8 +161,8 @@ def bench_corpus(name: str, input_dir: Path, input_mb: float, workers: int, cfg:
                **run_measured(argv, cfg.poll_s, out.parent / f"{name}-w{workers}.log")}
         text_mb = input_mb if stage in CLEANING + [NO_LID] else sum(p.stat().st_size for p in (out / "clean").glob("*/*.txt")) / 1e6
         # The processes that did the work: a pool's workers (the parent waits; a stage may run
-        # pools one after the other, each of at most `workers`), or the one process (one language
-        # cleans in one process today, whatever `workers`).
+        # pools one after the other, each of at most `workers`), or the one process when the
+        # stage had a single unit.
         row["busy_processes"] = min(workers, max(1, row["processes"] - 1))
         row["mb_per_s_per_process"] = round(text_mb / row["seconds"] / row["busy_processes"], 2)
         rows.append(row)
