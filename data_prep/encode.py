@@ -27,7 +27,7 @@ import zlib
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 
@@ -115,12 +115,21 @@ def stream_tokens(dictionary: Dictionary, lines: List[str]) -> Tuple[np.ndarray,
     return stream, lens
 
 
-def read_chunk(job: EncodeJob) -> List[str]:
-    """The chunk's lines; blank lines ("") end documents. Chunks start and end on document
-    boundaries, so the text ends with a newline."""
+def read_batches(job: EncodeJob) -> Iterator[Tuple[List[str], int]]:
+    """The chunk's lines ("" ends a document) in batches of about BATCH_BYTES cut at line ends,
+    each with its size in bytes. Streaming, not the whole chunk at once: a chunk's lines as
+    Python strings take about twice its size, and the allocator kept part of that after each
+    chunk (peak RSS grew with the number of chunks a process encoded)."""
     with open(job.clean_path, "rb") as f:
         f.seek(job.start)
-        return f.read(job.end - job.start).decode("utf-8").split("\n")[:-1]
+        left, rest = job.end - job.start, b""
+        while left or rest:
+            data = rest + f.read(min(BATCH_BYTES, left))
+            left -= len(data) - len(rest)
+            cut = data.rfind(b"\n") + 1 if left else len(data)  # chunks end with a newline
+            data, rest = data[:cut], data[cut:]
+            if data:  # (none yet within a line longer than a batch)
+                yield data.decode("utf-8").split("\n")[:-1], len(data)
 
 
 @functools.lru_cache(maxsize=1)
@@ -132,41 +141,39 @@ def load_dictionary(spm_path: Path) -> Dictionary:
 def encode_chunk(job: EncodeJob) -> Dict:
     dictionary = load_dictionary(job.spm_path)
     job.out_dir.mkdir(parents=True, exist_ok=True)
-    lines = read_chunk(job)
-    # Per line, vectorized: its length, whether it ends a document, whether its document is held out.
-    chars = np.fromiter(map(len, lines), dtype=np.int64, count=len(lines))
-    doc_end = chars == 0
-    doc = job.first_doc + np.cumsum(doc_end) - doc_end
-    held_out = np.isin(doc, np.asarray(job.valid_docs, dtype=np.int64))
-
-    stats = {}
-    for split, mask in (("train", ~held_out), ("valid", held_out)):
-        stats[split] = {"docs": int(np.count_nonzero(doc_end & mask)), "lines": int(np.count_nonzero(~doc_end & mask)),
-                        "chars": int(chars[mask].sum()), "tokens": 0, "unk": 0, "sequences": 0, "stream_tokens": 0}
+    stats = {split: {"docs": 0, "lines": 0, "chars": 0, "tokens": 0, "unk": 0, "sequences": 0, "stream_tokens": 0}
+             for split in SPLITS}
     packers = {s: SequencePacker(job.seq_len, dictionary.dtype) for s in SPLITS}
     writers = {s: ShardWriter(job.out_dir, job.lang, s, job.chunk, job.shard_bytes, dictionary.dtype,
                               stage_all=s == "valid") for s in SPLITS}
-    # Batches of about BATCH_BYTES of text; they need not align with documents (the stream is contiguous).
-    cuts = np.searchsorted(np.cumsum(chars + 1), np.arange(BATCH_BYTES, chars.sum() + len(chars), BATCH_BYTES))
-    bytes_per_char = (job.end - job.start) / max(1, chars.sum() + len(chars))
+    valid_docs = np.asarray(job.valid_docs, dtype=np.int64)
+    first_doc = job.first_doc
     try:
-        for lo, hi in zip([0, *cuts], [*cuts, len(lines)]):
-            if lo >= hi:
-                continue
-            stream, lens = stream_tokens(dictionary, lines[lo:hi])
-            token_held_out = np.repeat(held_out[lo:hi], lens)
-            for split, select in (("train", ~token_held_out), ("valid", token_held_out)):
+        # Batches need not align with documents: the stream is contiguous.
+        for lines, size in read_batches(job):
+            # Per line, vectorized: its length, whether it ends a document, whether its document is held out.
+            chars = np.fromiter(map(len, lines), dtype=np.int64, count=len(lines))
+            doc_end = chars == 0
+            doc = first_doc + np.cumsum(doc_end) - doc_end
+            first_doc += int(np.count_nonzero(doc_end))
+            held_out = np.isin(doc, valid_docs)
+            stream, lens = stream_tokens(dictionary, lines)
+            token_held_out = np.repeat(held_out, lens)
+            for split, mask, select in (("train", ~held_out, ~token_held_out), ("valid", held_out, token_held_out)):
+                st = stats[split]
+                st["docs"] += int(np.count_nonzero(doc_end & mask))
+                st["lines"] += int(np.count_nonzero(~doc_end & mask))
+                st["chars"] += int(chars[mask].sum())
                 part = stream if select.all() else stream[select]
                 if not len(part):
                     continue
-                st = stats[split]
                 st["stream_tokens"] += len(part)
                 st["unk"] += int(np.count_nonzero(part == UNK))
                 packed = packers[split].add(part)
                 if packed is not None:
                     writers[split].write_block(packed)
                     st["sequences"] += len(packed)
-            parallel.advance(int((chars[lo:hi].sum() + hi - lo) * bytes_per_char))
+            parallel.advance(size)
         for split in SPLITS:
             last = packers[split].finish()
             if last is not None:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from data_prep.dictionary import BOS, EOS, Dictionary
-from data_prep.encode import choose_valid_docs
+from data_prep import encode
+from data_prep.encode import EncodeJob, choose_valid_docs, encode_chunk
 from data_prep.config import PrepConfig
 from data_prep.packing import SequencePacker
 
@@ -42,11 +43,10 @@ def read_shard(path):
     return out
 
 
-def expected_streams(prepared_data, lang, dictionary, valid_docs):
+def expected_streams(text, dictionary, valid_docs):
     """The token stream of each split, encoded line by line straight from the cleaned text."""
     streams = {"train": [], "valid": []}
     doc = 0
-    text = "".join(p.read_text(encoding="utf-8") for p in sorted((prepared_data / "clean" / lang).glob("*.txt")))
     for line in text.split("\n")[:-1]:
         split = "valid" if doc in valid_docs else "train"
         if line:
@@ -65,7 +65,8 @@ def test_shards_hold_the_whole_stream_in_order(prepared_data, lang):
     dictionary = Dictionary(prepared_data / manifest["vocab"]["spm_model"])
     n_docs = manifest["languages"][lang]["docs"]
     valid = set(choose_valid_docs(lang, n_docs, cfg).tolist())
-    expected = expected_streams(prepared_data, lang, dictionary, valid)
+    text = "".join(p.read_text(encoding="utf-8") for p in sorted((prepared_data / "clean" / lang).glob("*.txt")))
+    expected = expected_streams(text, dictionary, valid)
     for split in ("train", "valid"):
         shards = sorted(s["path"] for s in manifest["shards"] if s["lang"] == lang and s["split"] == split)
         seqs = [seq for path in shards for seq in read_shard(prepared_data / path)]
@@ -76,3 +77,31 @@ def test_shards_hold_the_whole_stream_in_order(prepared_data, lang):
         assert got == expected[split]
         assert manifest["languages"][lang][split]["tokens"] == sum(map(len, seqs))
         assert manifest["languages"][lang][split]["sequences"] == len(seqs)
+
+
+def test_a_chunk_streamed_in_small_batches_encodes_every_line_once(prepared_data, tmp_path, monkeypatch):
+    """encode_chunk reads its chunk in batches cut at line ends; with batches far smaller than
+    the documents and than one long line, the shards still hold exactly the reference streams."""
+    manifest = json.loads((prepared_data / "manifest.json").read_text())
+    spm_path = prepared_data / manifest["vocab"]["spm_model"]
+    docs = (prepared_data / "clean" / "en" / "00000.txt").read_text(encoding="utf-8").split("\n\n")[:60]
+    docs[7] += "\n" + " ".join(["longline"] * 2000)  # 18 kB: one line spans several batches
+    text = "\n\n".join(docs) + "\n\n"
+    head = "skipped line before the chunk\n\n"
+    (tmp_path / "part.txt").write_text(head + text + "after the chunk\n", encoding="utf-8")
+    start = len(head.encode())
+    valid = (11, 12, 30, 59)  # language-wide numbers; the chunk's first document is 10
+    monkeypatch.setattr(encode, "BATCH_BYTES", 4096)
+    job = EncodeJob("en", 0, start, start + len(text.encode()), 10, valid, tmp_path / "part.txt", tmp_path / "out",
+                    spm_path, 64, 20_000)
+    result = encode_chunk(job)
+
+    expected = expected_streams(text, Dictionary(spm_path), {v - 10 for v in valid})
+    for split in ("train", "valid"):
+        paths = sorted(r["path"] for r in result["shards"] if r["split"] == split)
+        paths += [r["path"] for r in result["staged"] if r["split"] == split]  # the chunk's last shard
+        seqs = [seq for path in paths for seq in read_shard(path)]
+        assert np.concatenate([seq[1:] for seq in seqs]).tolist() == expected[split]
+        assert result["stats"][split]["docs"] == sum(
+            1 for i in range(len(docs)) if (i + 10 in valid) == (split == "valid"))
+    assert len([r for r in result["shards"] if r["split"] == "train"]) >= 2  # the test spans several shards
