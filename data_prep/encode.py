@@ -124,8 +124,12 @@ def read_batches(job: EncodeJob) -> Iterator[Tuple[List[str], int]]:
         f.seek(job.start)
         left, rest = job.end - job.start, b""
         while left or rest:
-            data = rest + f.read(min(BATCH_BYTES, left))
-            left -= len(data) - len(rest)
+            read = f.read(min(BATCH_BYTES, left))
+            if left and not read:
+                raise PrepError(f"{job.clean_path} ends at byte {job.end - left}, before its chunk's end "
+                                f"{job.end}: the clean part changed after dedup; rerun with force=dedup")
+            data = rest + read
+            left -= len(read)
             cut = data.rfind(b"\n") + 1 if left else len(data)  # chunks end with a newline
             data, rest = data[:cut], data[cut:]
             if data:  # (none yet within a line longer than a batch)

@@ -1,6 +1,7 @@
 """Packing invariants, on the packer alone and on the real shards of the sample corpus."""
 import io
 import json
+import signal
 import tarfile
 
 import numpy as np
@@ -8,7 +9,8 @@ import pytest
 
 from data_prep.dictionary import BOS, EOS, Dictionary
 from data_prep import encode
-from data_prep.encode import EncodeJob, choose_valid_docs, encode_chunk
+from data_prep.encode import EncodeJob, choose_valid_docs, encode_chunk, read_batches
+from data_prep.errors import PrepError
 from data_prep.config import PrepConfig
 from data_prep.packing import SequencePacker
 
@@ -105,3 +107,23 @@ def test_a_chunk_streamed_in_small_batches_encodes_every_line_once(prepared_data
         assert result["stats"][split]["docs"] == sum(
             1 for i in range(len(docs)) if (i + 10 in valid) == (split == "valid"))
     assert len([r for r in result["shards"] if r["split"] == "train"]) >= 2  # the test spans several shards
+
+
+def test_a_chunk_past_its_files_end_is_a_one_line_error(tmp_path):
+    """A clean part shorter than its chunk's recorded end (changed after dedup) is named, not
+    read forever; SIGALRM fails the test instead of hanging it."""
+    path = tmp_path / "00000.txt"
+    path.write_text("a b\n\nc d\n\n", encoding="utf-8")
+    job = EncodeJob("en", 0, 0, 100, 0, (), path, tmp_path / "out", None, 64, 1000)
+
+    def hang(signum, frame):
+        raise TimeoutError("read_batches did not stop at the end of the file")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(10)
+    try:
+        with pytest.raises(PrepError, match=r"00000\.txt ends at byte 10, before its chunk's end 100"):
+            list(read_batches(job))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
